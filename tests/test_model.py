@@ -1,0 +1,265 @@
+"""module.py / model.py: every cell against a small numpy reference, decoupling, every switch."""
+import itertools
+
+import mindspore as ms
+import numpy as np
+import pytest
+from mindspore import nn
+
+import model as M
+from model_config import Config
+from module import BatchNorm, CIRLoss, FEBlock, LightSE, MLP, SENET
+from util import UserError
+
+RNG = np.random.default_rng(0)
+
+
+@pytest.fixture(autouse=True)
+def pynative():
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    ms.set_seed(0)
+    yield
+    ms.set_context(mode=ms.GRAPH_MODE)
+
+
+def T(a):
+    return ms.Tensor(np.asarray(a))
+
+
+def softmax(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def dense(cell, x):
+    return x @ cell.weight.asnumpy().T + cell.bias.asnumpy()
+
+
+# ---------------------------------------------------------------- cells vs numpy
+
+def test_lightse_matches_numpy_and_weights_sum_to_one():
+    e = RNG.normal(size=(5, 4, 3)).astype(np.float32)
+    cell = LightSE(4)
+    a = softmax(dense(cell.excitation, e.mean(-1)))
+    np.testing.assert_allclose(cell(T(e)).asnumpy(), e + e * a[..., None], atol=1e-5)
+    w = cell.weights(T(e)).asnumpy()
+    np.testing.assert_allclose(w.sum(-1), 1.0, atol=1e-6)
+    assert w.shape == (5, 4) and (w > 0).all()
+
+
+def test_senet_matches_numpy():
+    e = RNG.normal(size=(5, 6, 3)).astype(np.float32)
+    cell = SENET(6, reduction=3)
+    hidden = np.maximum(dense(cell.squeeze, e.mean(-1)), 0)
+    a = 1 / (1 + np.exp(-dense(cell.excite, hidden)))
+    np.testing.assert_allclose(cell(T(e)).asnumpy(), e * a[..., None], atol=1e-5)
+
+
+def test_batchnorm_matches_numpy_train_and_eval():
+    x = RNG.normal(2.0, 3.0, size=(64, 7)).astype(np.float32)
+    bn = BatchNorm(7, momentum=0.9)
+    bn.gamma.set_data(T(RNG.normal(size=7).astype(np.float32)))
+    bn.beta.set_data(T(RNG.normal(size=7).astype(np.float32)))
+    g, b = bn.gamma.asnumpy(), bn.beta.asnumpy()
+    bn.set_train(True)
+    out = bn(T(x)).asnumpy()
+    ref = (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-5) * g + b
+    np.testing.assert_allclose(out, ref, atol=1e-4)
+    np.testing.assert_allclose(bn.moving_mean.asnumpy(), 0.1 * x.mean(0), atol=1e-5)
+    np.testing.assert_allclose(bn.moving_variance.asnumpy(), 0.9 + 0.1 * x.var(0, ddof=1), rtol=1e-4)
+    bn.set_train(False)
+    mm, mv = bn.moving_mean.asnumpy(), bn.moving_variance.asnumpy()
+    np.testing.assert_allclose(bn(T(x)).asnumpy(), (x - mm) / np.sqrt(mv + 1e-5) * g + b, atol=1e-4)
+
+
+def test_mlp_returns_every_layer():
+    mlp = MLP(10, (8, 6, 4), dropout=0.0, batch_norm=True)
+    mlp.set_train(False)
+    x = RNG.normal(size=(3, 10)).astype(np.float32)
+    outs = mlp(T(x))
+    assert [o.shape for o in outs] == [(3, 8), (3, 6), (3, 4)]
+    h = x
+    for layer, o in zip(mlp.layers, outs):  # Dense -> BN (eval: moving stats 0/1) -> ReLU
+        dense_cell, bn = layer[0], layer[1]
+        h = np.maximum(dense(dense_cell, h) / np.sqrt(1 + 1e-5) * bn.gamma.asnumpy() + bn.beta.asnumpy(), 0)
+        np.testing.assert_allclose(o.asnumpy(), h, atol=1e-5)
+
+
+def maxsim_loops(user, item):
+    """Brute force: sum over user layers and heads of max over item heads of <u, v>."""
+    b, n_layers, heads, _ = user.shape
+    out = np.zeros(b)
+    for i in range(b):
+        for l in range(n_layers):
+            for h in range(heads):
+                out[i] += max(float(user[i, l, h] @ item[i, k]) for k in range(item.shape[1]))
+    return out
+
+
+def test_feblock_heads_and_maxsim_equal_loops():
+    fe = FEBlock((8, 6, 5), 5, heads=3, head_dim=4)
+    layers = tuple(T(RNG.normal(size=(4, d)).astype(np.float32)) for d in (8, 6, 5))
+    user = fe.user_heads(layers).asnumpy()
+    item = fe.item_heads(layers[-1]).asnumpy()
+    assert user.shape == (4, 3, 3, 4) and item.shape == (4, 3, 4)
+    for l in range(3):  # each layer's projection, reshaped into heads
+        np.testing.assert_allclose(user[:, l].reshape(4, -1), dense(fe.user_proj[l], layers[l].asnumpy()), atol=1e-5)
+    np.testing.assert_allclose(fe(T(user), T(item)).asnumpy(), maxsim_loops(user, item), atol=1e-4)
+
+
+def test_feblock_last_layer_only_is_the_reduced_formula():
+    fe = FEBlock((8, 6, 5), 5, heads=2, head_dim=3, last_layer_only=True)
+    layers = tuple(T(RNG.normal(size=(4, d)).astype(np.float32)) for d in (8, 6, 5))
+    user, item = fe.user_heads(layers).asnumpy(), fe.item_heads(layers[-1]).asnumpy()
+    assert user.shape == (4, 1, 2, 3) and len(fe.user_proj) == 1
+    u = dense(fe.user_proj[0], layers[-1].asnumpy()).reshape(4, 2, 3)
+    reduced = np.einsum("bhp,bkp->bhk", u, item).max(-1).sum(-1)
+    np.testing.assert_allclose(fe(T(user), T(item)).asnumpy(), reduced, atol=1e-4)
+
+
+def test_feblock_one_user_against_many_items():
+    fe = FEBlock((6, 5), 5, heads=2, head_dim=3)
+    user = RNG.normal(size=(1, 2, 2, 3)).astype(np.float32)
+    items = RNG.normal(size=(7, 2, 3)).astype(np.float32)
+    paired = maxsim_loops(np.repeat(user, 7, 0), items)
+    np.testing.assert_allclose(fe(T(user), T(items)).asnumpy(), paired, atol=1e-4)
+
+
+def test_cir_hand_computed_3x3():
+    u = np.array([[1, 0], [0, 1], [1, 1]], np.float32)
+    v = np.array([[1, 0], [1, 1], [0, 2]], np.float32)
+    y = np.array([1, 0, 1], np.float32)
+    tau = 0.5
+    # cosine similarities, computed by hand: rows users, columns items
+    s = 1 / np.sqrt(2)
+    cos = np.array([[1, s, 0], [0, s, 1], [s, 1, s]])
+    expected = np.mean([np.log(np.exp(cos[i] / tau).sum()) - cos[i, i] / tau for i in (0, 2)])
+    loss = CIRLoss(tau)(T(u), T(v), T(y)).asnumpy()
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+
+
+def test_cir_zero_without_positives_and_finite_gradient():
+    cir = CIRLoss(0.1)
+    u = RNG.normal(size=(6, 4)).astype(np.float32)
+    v = RNG.normal(size=(6, 4)).astype(np.float32)
+    assert float(cir(T(u), T(v), T(np.zeros(6, np.float32))).asnumpy()) == 0.0
+    big = u * 1e4  # large logits: the log-sum-exp must stay finite
+    grad = ms.grad(lambda a, b: cir(a, b, T(np.ones(6, np.float32))), grad_position=(0, 1))(T(big), T(v))
+    assert all(np.isfinite(g.asnumpy()).all() for g in grad)
+    assert np.isfinite(cir(T(big), T(v), T(np.ones(6, np.float32))).asnumpy())
+
+
+# ---------------------------------------------------------------- models from meta.json
+
+META = {
+    "towers": {
+        "user": {"sparse": [{"name": "user_id", "vocab_size": 11}, {"name": "gender", "vocab_size": 3}],
+                 "multi": [], "dense": ["user_mean_rating"]},
+        "item": {"sparse": [{"name": "movie_id", "vocab_size": 9}],
+                 "multi": [{"name": "genres", "vocab_size": 5, "max_len": 3}], "dense": ["item_mean_rating"]},
+    },
+    "inputs": ["user_sparse", "user_dense", "item_sparse", "item_genres", "item_genres_mask", "item_dense"],
+}
+SMALL = Config(embed_dim=4, mlp=(8, 6), heads=2, head_dim=3, dropout=0.0, cir_weight=0.5)
+
+
+def batch(n=6, seed=0):
+    rng = np.random.default_rng(seed)
+    mask = (rng.random((n, 3)) < 0.7).astype(np.float32)
+    return {"user_sparse": np.stack([rng.integers(0, 11, n), rng.integers(0, 3, n)], 1).astype(np.int32),
+            "user_dense": rng.random((n, 1), dtype=np.float32),
+            "item_sparse": rng.integers(0, 9, (n, 1)).astype(np.int32),
+            "item_genres": (rng.integers(1, 5, (n, 3)) * mask).astype(np.int32), "item_genres_mask": mask,
+            "item_dense": rng.random((n, 1), dtype=np.float32),
+            "label": (rng.random(n) < 0.5).astype(np.float32)}
+
+
+def inputs(b):
+    return [T(b[k]) for k in META["inputs"]]
+
+
+def test_embedding_sizes_come_from_meta():
+    net = M.build_model(META, SMALL)
+    tables = {p.name: p.shape for p in net.get_parameters() if "embedding_table" in p.name}
+    assert sorted(s[0] for s in tables.values()) == [3, 5, 9, 11]
+    assert all(s[1] == 4 for s in tables.values())
+
+
+def test_masked_mean_of_genres():
+    net = M.build_model(META, SMALL)
+    b = batch()
+    emb = net.item_tower.embedding
+    fields, dense_values = emb(T(b["item_sparse"]), T(b["item_genres"]), T(b["item_genres_mask"]), T(b["item_dense"]))
+    table = emb.multi[0].embedding_table.asnumpy()
+    m = b["item_genres_mask"]
+    ref = (table[b["item_genres"]] * m[..., None]).sum(1) / np.maximum(m.sum(1, keepdims=True), 1)
+    np.testing.assert_allclose(fields.asnumpy()[:, 1], ref, atol=1e-6)
+    assert fields.shape == (6, 2, 4) and dense_values.shape == (6, 1)
+
+
+def test_towers_are_decoupled():
+    net = M.build_model(META, SMALL)
+    net.set_train(False)
+    a, b = batch(seed=1), batch(seed=2)
+    nu = net.n_user_inputs
+    user_a = net.user_representation(*inputs(a)[:nu]).asnumpy()
+    mixed = {**a, **{k: b[k] for k in b if k.startswith("item_")}}
+    np.testing.assert_array_equal(net.user_representation(*inputs(mixed)[:nu]).asnumpy(), user_a)
+    item_b = net.item_representation(*inputs(b)[nu:]).asnumpy()
+    np.testing.assert_array_equal(net.item_representation(*inputs(mixed)[nu:]).asnumpy(), item_b)
+    # the score of the separate towers is the model's output
+    logits = net(*inputs(mixed)).asnumpy()
+    np.testing.assert_allclose(net.score(T(user_a), T(item_b)).asnumpy(), logits, atol=1e-5)
+
+
+SWITCHES = [dict(se=se, interaction=i, cir_weight=c, last_layer_only=last)
+            for se, i, c, last in itertools.product(("lightse", "senet", "none"), ("fe", "dot", "fc"), (0.0, 0.5),
+                                                    (False, True)) if not (last and i != "fe")]
+
+
+@pytest.mark.parametrize("switches", SWITCHES, ids=lambda s: "-".join(f"{v}" for v in s.values()))
+def test_every_switch_builds_runs_forward_and_backward(switches):
+    cfg = SMALL.replace(**switches)
+    net = M.build_model(META, cfg)
+    loss_cell = M.LossCell(net)
+    b = batch(8)
+    params = net.trainable_params()
+    loss, grads = ms.value_and_grad(loss_cell, None, params)(*inputs(b), T(b["label"]))
+    assert np.isfinite(loss.asnumpy()) and len(grads) == len(params)
+    assert all(np.isfinite(g.asnumpy()).all() for g in grads)
+    n_params = M.describe(net)["parameters"]
+    assert n_params == sum(int(np.prod(p.shape)) for p in params) > 0
+    assert net.decoupled == (switches["interaction"] != "fc")
+    assert net(*inputs(b)).shape == (8,)
+
+
+def test_cir_term_is_in_the_loss():
+    b = batch(8)
+    with_cir = M.build_model(META, SMALL)
+    ms.set_seed(0)
+    without = M.build_model(META, SMALL.replace(cir_weight=0.0))
+    ms.load_param_into_net(without, {p.name: p for p in with_cir.get_parameters()})
+    with_cir.set_train(False)
+    without.set_train(False)
+    l1 = M.LossCell(with_cir)(*inputs(b), T(b["label"])).asnumpy()
+    l0 = M.LossCell(without)(*inputs(b), T(b["label"])).asnumpy()
+    logits, (u, v) = with_cir.forward(*inputs(b))
+    cir = CIRLoss(SMALL.cir_tau)(u[:, -1].reshape(8, -1), v.reshape(8, -1), T(b["label"])).asnumpy()
+    np.testing.assert_allclose(l1 - l0, SMALL.cir_weight * cir, rtol=1e-4, atol=1e-6)
+
+
+def test_two_tower_is_inttower_without_additions():
+    net = M.build_model(META, SMALL.replace(model="two_tower"))
+    assert net.interaction == "dot" and net.user_tower.attention is None and not net.has_aux
+
+
+def test_out_of_range_ids_refused():
+    b = batch()
+    M.check_inputs(META, b)
+    bad = dict(b, user_sparse=b["user_sparse"].copy())
+    bad["user_sparse"][0, 0] = 11
+    with pytest.raises(UserError, match="field user_id: id 11 is outside the model's vocabulary"):
+        M.check_inputs(META, bad)
+    bad = dict(b, item_genres=b["item_genres"] - 7)
+    with pytest.raises(UserError, match="field genres"):
+        M.check_inputs(META, bad)
