@@ -1,0 +1,248 @@
+"""train.py / eval.py / model_config.py: learning, resume, checkpoints, NaN guard, config, eval errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import train
+from conftest import ROOT
+from eval import evaluate_run
+from model_config import Config, parse_args
+from util import UserError, auc
+
+
+def small(tmp_path, **kw):
+    cfg = Config(dataset="synthetic", data_dir=str(tmp_path / "data"), output_dir=str(tmp_path / "runs"),
+                 synthetic_users=400, synthetic_items=150, synthetic_ratings=40, mlp=(64, 32), heads=2,
+                 head_dim=16, embed_dim=16, batch_size=256, eval_batch_size=4096, epochs=8, lr=0.005,
+                 dropout=0.0, patience=3)
+    return cfg.replace(**kw)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny run shared by the tests below: (config, metrics, run directory)."""
+    tmp = tmp_path_factory.mktemp("trained")
+    cfg = small(tmp, run_dir=str(tmp / "run"))
+    metrics = train.train(cfg)
+    return cfg, metrics, tmp / "run"
+
+
+def test_learns_clearly_better_than_popularity(trained):
+    cfg, metrics, run = trained
+    import get_dataset
+    test = get_dataset.load_dataset(cfg, quiet=True).split("test")
+    popularity = auc(test["label"], test["item_dense"][:, 0])  # each movie's training positive rate
+    assert metrics["steps"] >= 200
+    assert metrics["test"]["auc"] > popularity + 0.03, (metrics["test"]["auc"], popularity)
+    assert metrics["synthetic"] and not metrics["leaky"] and metrics["protocol"] == "temporal"
+
+
+def test_run_directory_contents(trained):
+    cfg, metrics, run = trained
+    assert {"config.json", "data_meta.json", "log.jsonl", "metrics.json", "best.ckpt", "last.ckpt"} <= {
+        p.name for p in run.iterdir()}
+    saved = json.loads((run / "config.json").read_text())
+    assert Config.from_dict(saved) == cfg
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == list(range(1, len(log) + 1))
+    assert max(r["val_auc"] for r in log) == pytest.approx(metrics["val_auc"])
+    assert log[np.argmax([r["val_auc"] for r in log])]["epoch"] == metrics["best_epoch"]
+    on_disk = json.loads((run / "metrics.json").read_text())
+    assert on_disk["test"]["auc"] == pytest.approx(metrics["test"]["auc"])
+    assert {"auc", "logloss", "gauc", "rows", "positive_rate"} <= set(on_disk["test"])
+
+
+def test_whole_split_auc_not_batch_mean(trained):
+    """The reported AUC is the AUC of all predictions, whatever the evaluation batch size."""
+    cfg, metrics, run = trained
+    r1 = evaluate_run(Config(run_dir=str(run), eval_batch_size=64), {"run_dir", "eval_batch_size"})
+    r2 = evaluate_run(Config(run_dir=str(run)), {"run_dir"})
+    assert r1["auc"] == pytest.approx(r2["auc"], abs=1e-6) == pytest.approx(metrics["test"]["auc"], abs=1e-6)
+
+
+def test_eval_json(trained):
+    cfg, metrics, run = trained
+    report = evaluate_run(Config(run_dir=str(run)), {"run_dir"})
+    on_disk = json.loads((run / "eval.json").read_text())
+    assert on_disk["auc"] == pytest.approx(report["auc"]) and on_disk["checkpoint"].endswith("best.ckpt")
+    assert {"auc", "logloss", "gauc", "rows", "positive_rate", "checkpoint", "protocol", "synthetic"} <= set(on_disk)
+    assert on_disk["rows"] == metrics["test"]["rows"] and 0 < on_disk["positive_rate"] < 1
+    assert 0.5 < on_disk["gauc"] < 1 and on_disk["logloss"] > 0
+
+
+def test_resume_equals_uninterrupted(tmp_path, trained):
+    """Interrupt after 3 epochs, resume: same metrics as one uninterrupted run (dropout 0)."""
+    cfg, full, _ = trained
+    part = small(tmp_path, run_dir=str(tmp_path / "run"), data_dir=cfg.data_dir, epochs=3)
+    train.train(part)
+    resumed = train.train(Config(resume=str(tmp_path / "run"), epochs=cfg.epochs), {"resume", "epochs"})
+    assert resumed["best_epoch"] == full["best_epoch"] and resumed["steps"] == full["steps"]
+    assert resumed["test"]["auc"] == full["test"]["auc"] and resumed["test"]["logloss"] == full["test"]["logloss"]
+
+
+def test_resume_refuses_config_changes(tmp_path, trained):
+    cfg, _, run = trained
+    with pytest.raises(UserError, match="cannot change lr"):
+        train.train(Config(resume=str(run), lr=0.1), {"resume", "lr"})
+
+
+@pytest.mark.parametrize("poison,message", [("label", "training diverged: loss is nan"),
+                                           ("user_dense", "parameters are no longer finite")])
+def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path, trained, monkeypatch, poison, message):
+    """A NaN loss stops at once; NaN reaching the weights unseen (ReLU hides it from the loss) stops at
+    the end of the epoch. Either way the last good checkpoint stays."""
+    cfg = small(tmp_path, run_dir=str(tmp_path / "run"), data_dir=trained[0].data_dir, epochs=3)
+    real = train.batches
+    calls = {"n": 0}
+
+    def poisoned(arrays, names, batch_size, order=None, pad=False):
+        import mindspore as ms
+        for batch in real(arrays, names, batch_size, order, pad):
+            if not pad:
+                calls["n"] += 1
+                if calls["n"] > 40:  # in the second epoch
+                    batch = tuple(ms.Tensor(np.full(b.shape, np.nan, np.float32)) if n == poison else b
+                                  for b, n in zip(batch, names))
+            yield batch
+
+    monkeypatch.setattr(train, "batches", poisoned)
+    with pytest.raises(UserError, match=message):
+        train.train(cfg)
+    import mindspore as ms
+    state = json.loads(str(ms.load_checkpoint(str(tmp_path / "run" / "last.ckpt"))["train_state"]))
+    assert state["epoch"] == 1  # the last good checkpoint, loadable
+    assert not [p for p in (tmp_path / "run").iterdir() if ".tmp" in p.name]
+
+
+def test_checkpoint_write_is_atomic(tmp_path, trained, monkeypatch):
+    import mindspore as ms
+    from model import build_model
+    cfg, _, run = trained
+    meta = json.loads((run / "data_meta.json").read_text())
+    model = build_model(meta, cfg)
+    path = tmp_path / "model.ckpt"
+    train.save_checkpoint(model, path)
+    before = path.read_bytes()
+
+    def crash(params, name, **kw):  # dies half-way through writing
+        open(name, "wb").write(before[: len(before) // 2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ms, "save_checkpoint", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_checkpoint(model, path)
+    assert path.read_bytes() == before and train.load_checkpoint(model, path) is None
+    assert [p.name for p in tmp_path.iterdir()] == ["model.ckpt"]
+
+
+def test_kill_during_save_leaves_previous_checkpoint(tmp_path, trained):
+    """A real SIGKILL while a big checkpoint is being rewritten in a loop."""
+    script = tmp_path / "saver.py"
+    script.write_text(f"""
+import sys; sys.path.insert(0, {str(ROOT)!r})
+import mindspore as ms, numpy as np
+from mindspore import nn
+import train
+net = nn.Dense(2000, 2000)
+train.save_checkpoint(net, {str(tmp_path / 'big.ckpt')!r})
+print("saved", flush=True)
+while True:
+    train.save_checkpoint(net, {str(tmp_path / 'big.ckpt')!r})
+""")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "saved"
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    from mindspore import nn
+    net = nn.Dense(2000, 2000)
+    train.load_checkpoint(net, tmp_path / "big.ckpt")  # loads: never half-written
+
+
+def test_bad_checkpoints_clear_errors(tmp_path, trained):
+    cfg, _, run = trained
+    good = (run / "best.ckpt").read_bytes()
+    cases = {
+        "truncated.ckpt": (good[: len(good) // 3], "not a readable MindSpore checkpoint"),
+        "text.ckpt": (b"hello, I am not a checkpoint\n", "not a readable MindSpore checkpoint"),
+        "empty.ckpt": (b"", "not a readable MindSpore checkpoint"),
+    }
+    for name, (data, message) in cases.items():
+        (run / name).write_bytes(data)
+        with pytest.raises(UserError, match=message):
+            evaluate_run(Config(run_dir=str(run), checkpoint=str(run / name)), {"run_dir", "checkpoint"})
+    with pytest.raises(UserError, match="not found"):
+        evaluate_run(Config(run_dir=str(run), checkpoint=str(run / "nope.ckpt")), {"run_dir", "checkpoint"})
+    with pytest.raises(UserError, match="not a run directory"):
+        evaluate_run(Config(run_dir=str(tmp_path)), {"run_dir"})
+
+
+def test_checkpoint_of_other_config_or_vocabulary(tmp_path, trained):
+    import shutil
+    cfg, _, run = trained
+    other = tmp_path / "other"
+    shutil.copytree(run, other)
+    config = json.loads((other / "config.json").read_text())
+    # a checkpoint of another architecture
+    (other / "config.json").write_text(json.dumps({**config, "mlp": [32, 16]}))
+    with pytest.raises(UserError, match="shape"):
+        evaluate_run(Config(run_dir=str(other)), {"run_dir"})
+    (other / "config.json").write_text(json.dumps({**config, "interaction": "dot"}))
+    with pytest.raises(UserError, match="does not fit this model"):
+        evaluate_run(Config(run_dir=str(other)), {"run_dir"})
+    # the same model on data with other vocabularies (another generated sample)
+    (other / "config.json").write_text(json.dumps(config))
+    import get_dataset
+    get_dataset.generate_synthetic(tmp_path / "x", 300, 100, 30, seed=1)
+    with pytest.raises(UserError, match="vocabulary sizes differ"):
+        evaluate_run(Config(run_dir=str(other), dataset="synthetic", data_path=str(tmp_path / "x"),
+                            data_dir=str(tmp_path / "d")), {"run_dir", "dataset", "data_path", "data_dir"})
+    with pytest.raises(UserError, match="cannot change heads"):
+        evaluate_run(Config(run_dir=str(other), heads=8), {"run_dir", "heads"})
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--bogus", "1"], "unknown option --bogus"),
+    (["--lrr", "0.1"], "unknown option --lrr (did you mean --lr?)"),
+    (["--epochs", "three"], "argument --epochs: invalid int value: 'three'"),
+    (["--dropout", "1.5"], "--dropout must be in [0, 1)"),
+    (["--model", "gpt"], "argument --model: invalid choice: 'gpt'"),
+    (["--mlp", "300,x"], "expected comma-separated integers"),
+    (["--batch_norm", "maybe"], "expected true or false"),
+])
+def test_config_rejects_bad_options(args, message):
+    with pytest.raises(SystemExit) as e:
+        parse_args(args, prog="train.py")
+    assert e.value.code == 2
+    out = run_cli("train.py", *args)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and message in out.stderr
+
+
+def test_config_overrides_are_typed():
+    cfg, keys = parse_args(["--mlp", "64,32", "--lr", "0.01", "--batch_norm", "false", "--download",
+                            "--device_target", "GPU"])
+    assert cfg.mlp == (64, 32) and cfg.lr == 0.01 and cfg.batch_norm is False and cfg.download is True
+    assert cfg.device_target == "GPU" and keys == {"mlp", "lr", "batch_norm", "download", "device_target"}
+    assert Config.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    defaults = Config()  # the published MindSpore values
+    assert (defaults.batch_size, defaults.lr, defaults.dropout, defaults.mlp, defaults.heads, defaults.head_dim,
+            defaults.embed_dim) == (2048, 5e-4, 0.1, (300, 300, 128), 4, 64, 32)
+
+
+def test_same_options_in_every_command():
+    for script in ("train.py", "eval.py", "get_dataset.py"):
+        out = run_cli(script, "--help")
+        assert out.returncode == 0
+        for key in ("--dataset", "--data_path", "--protocol", "--model", "--epochs", "--batch_size", "--lr",
+                    "--seed", "--patience", "--device_target", "--output_dir", "--run_dir"):
+            assert key in out.stdout, (script, key)
