@@ -119,6 +119,11 @@ class FEBlock(nn.Cell):
         self.user_proj = nn.CellList([nn.Dense(user_dims[i], heads * head_dim) for i in self.user_layers])
         self.item_proj = nn.Dense(item_dim, heads * head_dim)
 
+    def keep_last_layer_only(self):
+        """Drop every user layer's projection but the last (the accelerated serving variant)."""
+        self.user_proj = nn.CellList([self.user_proj[len(self.user_layers) - 1]])
+        self.user_layers = self.user_layers[-1:]
+
     def user_heads(self, user_layers):
         heads = ()
         for k, i in enumerate(self.user_layers):

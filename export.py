@@ -1,0 +1,163 @@
+"""Export a trained model for serving: MINDIR of the full model and of each tower, and the item index.
+
+    python export.py --run_dir runs/RUN                    # writes runs/RUN/export/
+    python export.py --run_dir runs/RUN --output_dir serving/ --last_layer_only
+
+Files written (see README, "Export"):
+  model.mindir        all input arrays -> click probability (B,)        (what the published export gives)
+  user_tower.mindir   user arrays -> the user's representation (B, L, H, p) for FE (B, d for dot)
+  item_tower.mindir   item arrays -> the item's representation (B, H, p) for FE (B, d for dot)
+  *.onnx              the same, where MindSpore's ONNX export supports the cells (see manifest)
+  item_index.npy      float32 (N + 1, H, p): every movie of the catalogue, then the out-of-vocabulary item
+  item_ids.npy        int64 (N,): the MovieLens id of each index row; titles.json: their titles
+  users.npz, vocab.npz  the user feature table and vocabularies, to build a user's inputs
+  manifest.json       config, shapes, score bias, checksums of every file (infer.py checks them)
+
+--last_layer_only on a run trained with every user layer exports the accelerated variant of the
+published README: only the last user layer's heads are kept, so scores differ from the trained
+model (the manifest says so); train with --last_layer_only to serve exactly what was trained.
+"""
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from model_config import parse_args
+from util import UserError, md5_bytes, md5_file, run_cli, say, write_json
+
+EXPORT_KEYS = {"last_layer_only", "output_dir"}
+
+
+def tower_cells(model):
+    """Cells with plain construct() for each exported graph (inputs: the tower's arrays)."""
+    import mindspore as ms
+    from mindspore import nn, ops
+
+    class Probability(nn.Cell):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def construct(self, *inputs):
+            return ops.sigmoid(self.net(*inputs))
+
+    class UserTower(nn.Cell):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def construct(self, *inputs):
+            return self.net.user_representation(*inputs)
+
+    class ItemTower(UserTower):
+        def construct(self, *inputs):
+            return self.net.item_representation(*inputs)
+
+    return {"model": Probability(model), "user_tower": UserTower(model), "item_tower": ItemTower(model)}, ms
+
+
+def example_inputs(names, arrays):
+    """Dynamic-batch placeholders: the batch axis is None in the exported graphs."""
+    import mindspore as ms
+    return [ms.Tensor(shape=[None, *arrays[k].shape[1:]], dtype=ms.int32 if arrays[k].dtype.kind == "i"
+                      else ms.float32) for k in names]
+
+
+def export_run(cfg, overrides=frozenset()):
+    from eval import load_run
+    from train import init_mindspore, load_checkpoint
+    from get_dataset import load_dataset
+    run_dir, checkpoint, run_cfg, meta = load_run(cfg, set(overrides) - EXPORT_KEYS)
+    init_mindspore(run_cfg)
+    from model import build_model, model_config
+    model_cfg = model_config(run_cfg)
+    model = build_model(meta, run_cfg)
+    if not getattr(model, "decoupled", False):
+        raise UserError(f"model {run_cfg.model} (interaction {model_cfg.interaction}) couples user and item "
+                        f"features: only decoupled models can be exported as towers with an item index")
+    load_checkpoint(model, checkpoint)
+    truncated = False
+    if "last_layer_only" in overrides and cfg.last_layer_only and not model_cfg.last_layer_only:
+        if model_cfg.interaction != "fe":
+            raise UserError("--last_layer_only applies to the FE-Block interaction only")
+        model.fe.keep_last_layer_only()
+        truncated = True
+        say("WARNING: exporting the last user layer only (accelerated variant): scores differ from the trained "
+            "model; train with --last_layer_only to serve exactly what was trained")
+    model.set_train(False)
+    out = Path(cfg.output_dir) if "output_dir" in overrides else run_dir / "export"
+    data = load_dataset(run_cfg, quiet=True)
+    users, items = data.catalog("users"), data.catalog("items")
+    cells, ms = tower_cells(model)
+    names = meta["inputs"]
+    n_user = model.n_user_inputs
+    arrays = {**users, **items}
+
+    # the item index: every catalogue movie through the item tower, then the out-of-vocabulary item
+    oov = {k: np.zeros((1, *items[k].shape[1:]), items[k].dtype) for k in names[n_user:]}
+    for k in names[n_user:]:
+        if k.endswith("_dense"):
+            oov[k][:] = meta["positive_rate"]["train"]  # no history: the prior, as get_dataset.py does
+    item_inputs = {k: np.concatenate([items[k], oov[k]]) for k in names[n_user:]}
+    index = []
+    for start in range(0, len(item_inputs[names[n_user]]), run_cfg.eval_batch_size):
+        chunk = [ms.Tensor(item_inputs[k][start:start + run_cfg.eval_batch_size]) for k in names[n_user:]]
+        index.append(model.item_representation(*chunk).asnumpy())
+    index = np.ascontiguousarray(np.concatenate(index).astype(np.float32))
+
+    tmp = out.with_name(f".{out.name}.tmp-{int(time.time())}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        formats = {}
+        for name, inputs in (("model", names), ("user_tower", names[:n_user]), ("item_tower", names[n_user:])):
+            placeholders = example_inputs(inputs, arrays)
+            ms.export(cells[name], *placeholders, file_name=str(tmp / name), file_format="MINDIR")
+            formats[name] = ["MINDIR"]
+            try:
+                ms.export(cells[name], *placeholders, file_name=str(tmp / name), file_format="ONNX")
+                formats[name].append("ONNX")
+            except Exception as e:  # MindSpore's ONNX exporter lacks some operators
+                formats[name + "_onnx_error"] = str(e).strip().splitlines()[0][:200]
+                (tmp / f"{name}.onnx").unlink(missing_ok=True)
+        np.save(tmp / "item_index.npy", index)
+        np.save(tmp / "item_ids.npy", items["key"].astype(np.int64))
+        np.savez(tmp / "users.npz", **users)
+        np.savez(tmp / "vocab.npz", **data.catalog("vocab"))
+        (tmp / "titles.json").write_text(json.dumps([str(t) for t in items["title"]]))
+        fe = model_cfg.interaction == "fe"
+        manifest = {
+            "created": time.strftime("%Y-%m-%d %H:%M:%S"), "run_dir": str(run_dir), "checkpoint": str(checkpoint),
+            "checkpoint_md5": md5_file(checkpoint), "model": run_cfg.model, "config": run_cfg.to_dict(),
+            "interaction": model_cfg.interaction, "last_layer_only": bool(model_cfg.last_layer_only or truncated),
+            "truncated_to_last_layer": truncated,
+            "score_bias": float(model.bias.asnumpy()), "prior": meta["positive_rate"]["train"],
+            "user_shape": [len(model.fe.user_layers), model_cfg.heads, model_cfg.head_dim] if fe else [index.shape[1]],
+            "item_shape": list(index.shape[1:]), "items": int(len(items["key"])), "oov_row": int(len(items["key"])),
+            "dataset": meta["dataset"], "protocol": meta["protocol"], "towers": meta["towers"], "inputs": names,
+            "user_inputs": names[:n_user], "item_inputs": names[n_user:], "formats": formats,
+            "vocab_md5": md5_bytes((tmp / "vocab.npz").read_bytes()),
+            "files": {p.name: md5_file(p) for p in sorted(tmp.iterdir())},
+        }
+        write_json(tmp / "manifest.json", manifest)
+        if out.exists():
+            shutil.rmtree(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    graphs = ", ".join(f"{k} ({'/'.join(v)})" for k, v in formats.items() if not k.endswith("error"))
+    say(f"exported {run_cfg.model} to {out}: {graphs}; item index {index.shape} float32 "
+        f"({index[0].nbytes:,} bytes per item)")
+    return out
+
+
+def main():
+    cfg, overrides = parse_args(prog="export.py", description=__doc__.split("\n\n")[0])
+    export_run(cfg, overrides)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,151 @@
+"""export.py / infer.py: exported graphs reproduce the checkpoint, the index scorer reproduces the model."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import train
+from conftest import ROOT
+from export import export_run
+from infer import Scorer, maxsim
+from model_config import Config
+from util import UserError
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serving")
+    cfg = Config(dataset="synthetic", data_dir=str(tmp / "data"), run_dir=str(tmp / "run"), synthetic_users=300,
+                 synthetic_items=120, synthetic_ratings=30, mlp=(32, 16), heads=2, head_dim=8, embed_dim=8,
+                 batch_size=256, epochs=2, dropout=0.0, lr=0.005)
+    train.train(cfg)
+    export_run(Config(run_dir=cfg.run_dir), {"run_dir"})
+    return cfg, tmp / "run"
+
+
+def model_and_data(cfg, run):
+    import get_dataset
+    from eval import load_run
+    from model import build_model
+    _, ckpt, run_cfg, meta = load_run(Config(run_dir=str(run)), {"run_dir"})
+    train.init_mindspore(run_cfg)
+    model = build_model(meta, run_cfg)
+    train.load_checkpoint(model, ckpt)
+    model.set_train(False)
+    return model, meta, get_dataset.load_dataset(run_cfg, quiet=True)
+
+
+def test_maxsim_equals_loops():
+    rng = np.random.default_rng(0)
+    user, items = rng.normal(size=(3, 2, 4)), rng.normal(size=(5, 2, 4))
+    loops = [sum(max(user[l, h] @ items[n, k] for k in range(2)) for l in range(3) for h in range(2))
+             for n in range(5)]
+    np.testing.assert_allclose(maxsim(user, items), loops, rtol=1e-10)
+
+
+def test_exported_model_matches_checkpoint(run):
+    import mindspore as ms
+    from mindspore import nn
+    cfg, run_dir = run
+    model, meta, data = model_and_data(cfg, run_dir)
+    test = data.split("test")
+    inputs = [ms.Tensor(test[k][:97]) for k in meta["inputs"]]
+    expected = 1 / (1 + np.exp(-model(*inputs).asnumpy()))
+    graph = nn.GraphCell(ms.load(str(run_dir / "export" / "model.mindir")))
+    np.testing.assert_allclose(graph(*inputs).asnumpy(), expected, atol=1e-5)
+    # dynamic batch: another batch size through the same graph
+    inputs = [ms.Tensor(test[k][:13]) for k in meta["inputs"]]
+    np.testing.assert_allclose(graph(*inputs).asnumpy(), 1 / (1 + np.exp(-model(*inputs).asnumpy())), atol=1e-5)
+
+
+def test_scorer_equals_full_model_logits(run):
+    import mindspore as ms
+    cfg, run_dir = run
+    model, meta, data = model_and_data(cfg, run_dir)
+    users, items = data.catalog("users"), data.catalog("items")
+    scorer = Scorer(run_dir / "export")
+    for user_row in (0, 7, 42):
+        user_id = int(users["key"][user_row])
+        logits = scorer.scores(scorer.user_vector(user_id)[0])  # the whole catalogue from the index
+        n = len(items["key"])
+        pairs = {"user_sparse": np.repeat(users["user_sparse"][user_row:user_row + 1], n, 0),
+                 "user_dense": np.repeat(users["user_dense"][user_row:user_row + 1], n, 0), **items}
+        full = model(*[ms.Tensor(pairs[k]) for k in meta["inputs"]]).asnumpy()
+        np.testing.assert_allclose(logits, full, atol=1e-4)
+        top = scorer.recommend(user_id, top_k=5)["items"]
+        assert [t["score"] for t in top] == sorted((t["score"] for t in top), reverse=True)
+        assert top[0]["score"] == pytest.approx(float(full.max()), abs=1e-4)
+
+
+def test_unknown_ids_and_empty_candidates(run):
+    cfg, run_dir = run
+    scorer = Scorer(run_dir / "export")
+    out = scorer.recommend(10**9, candidates=[1, 2, 10**9], top_k=10)
+    assert not out["known_user"] and out["candidates"] == 3
+    unknown = [i for i in out["items"] if i["movie_id"] == 10**9][0]
+    assert not unknown["known_item"] and np.isfinite(unknown["score"])
+    oov_score = scorer.scores(scorer.user_vector(10**9)[0], np.array([scorer.manifest["oov_row"]]))[0]
+    assert unknown["score"] == pytest.approx(float(oov_score))
+    assert scorer.recommend(1, candidates=[], top_k=3)["items"] == []
+    with_features = scorer.recommend(10**9, top_k=3, features={"gender": "F", "age": 25})
+    assert len(with_features["items"]) == 3
+    with pytest.raises(UserError, match="unknown user feature"):
+        scorer.recommend(1, features={"shoe_size": 42})
+
+
+def test_manifest_mismatch_refused(run, tmp_path):
+    import shutil
+    cfg, run_dir = run
+    copy = tmp_path / "export"
+    shutil.copytree(run_dir / "export", copy)
+    index = np.load(copy / "item_index.npy")
+    np.save(copy / "item_index.npy", index[:-2])
+    with pytest.raises(UserError, match="does not match"):
+        Scorer(copy)
+    with pytest.raises(UserError, match="does not match the manifest"):
+        Scorer(copy, check_files=False)
+    with pytest.raises(UserError, match="not an export"):
+        Scorer(tmp_path)
+
+
+def test_last_layer_only_export_is_the_reduced_formula(run, tmp_path):
+    import mindspore as ms
+    cfg, run_dir = run
+    out = tmp_path / "fast"
+    export_run(Config(run_dir=str(run_dir), last_layer_only=True, output_dir=str(out)),
+               {"run_dir", "last_layer_only", "output_dir"})
+    fast = Scorer(out)
+    assert fast.manifest["last_layer_only"] and fast.manifest["user_shape"][0] == 1
+    model, meta, data = model_and_data(cfg, run_dir)
+    users, items = data.catalog("users"), data.catalog("items")
+    user_heads = model.user_representation(*[ms.Tensor(users[k][3:4]) for k in ("user_sparse", "user_dense")])
+    item_heads = model.item_representation(*[ms.Tensor(items[k]) for k in meta["inputs"][2:]]).asnumpy()
+    last = user_heads.asnumpy()[0, -1]  # (H, p): the last user layer only
+    reduced = np.einsum("hp,nkp->nhk", last, item_heads).max(-1).sum(-1) + float(model.bias.asnumpy())
+    got = fast.scores(fast.user_vector(int(users["key"][3]))[0])
+    np.testing.assert_allclose(got, reduced, atol=1e-4)
+
+
+def test_fresh_process_cli(run):
+    cfg, run_dir = run
+    out = subprocess.run([sys.executable, "infer.py", "--run_dir", str(run_dir), "--user_id", "3", "--top_k", "4"],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["known_user"] and len(result["items"]) == 4
+    bad = subprocess.run([sys.executable, "infer.py", "--run_dir", str(run_dir), "--user_id", "3", "--candidates",
+                          "1,x"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert bad.returncode == 2 and "expects comma-separated integers" in bad.stderr
+
+
+def test_coupled_model_not_exportable(tmp_path, run):
+    cfg, run_dir = run
+    import shutil
+    other = tmp_path / "fc"
+    shutil.copytree(run_dir, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "interaction": "fc"}))
+    with pytest.raises(UserError, match="couples user and item"):
+        export_run(Config(run_dir=str(other)), {"run_dir"})
