@@ -1,0 +1,208 @@
+"""Speed measurements behind the README's Performance tables (medians of several repeats).
+
+    python benchmark.py train [--key value ...]   # our train step vs the published loop, same model & data
+    python benchmark.py data  [--key value ...]   # preprocessing time; npz vs MindRecord loading
+
+Config keys (--data_path, --protocol, --model...) are those of train.py; the benchmark's own are
+--repeats and --steps. Without --data_path the genuine ML-1M files of ../shared/data/ml-1m are
+used when present (all 1,000,209 ratings, protocol paper), else the generated sample.
+"""
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from model_config import parse_args
+from util import ROOT, run_cli, say
+
+SHARED_ML1M = ROOT.parent / "shared" / "data" / "ml-1m" / "ratings-all-users-no-timestamp.dat.gz"
+
+
+def machine():
+    import os
+    import platform
+    import mindspore as ms
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "mindspore": ms.__version__,
+            "numpy": np.__version__}
+
+
+def default_data(cfg, overrides):
+    if "data_path" not in overrides and "dataset" not in overrides and SHARED_ML1M.exists():
+        cfg = cfg.replace(data_path=str(SHARED_ML1M), protocol="paper" if "protocol" not in overrides else cfg.protocol)
+    return cfg
+
+
+def timed(fn, steps):
+    start = time.perf_counter()
+    fn(steps)
+    return (time.perf_counter() - start) / steps
+
+
+def bench_train(cfg, repeats, steps):
+    """Median seconds per step of (a) train.py's compiled step fed whole numpy batches and (b) a faithful
+    re-creation of the published MindSpore loop: PyNative, a per-row GeneratorDataset over pandas .iloc,
+    and sklearn's AUC of every batch. Same model, same data, alternating repeats in one process."""
+    import mindspore as ms
+    import mindspore.dataset as ds
+    import pandas as pd
+    from mindspore import nn, ops
+    from sklearn.metrics import roc_auc_score
+    import train
+    from get_dataset import load_dataset
+    from model import LossCell, build_model
+
+    train.init_mindspore(cfg)
+    data = load_dataset(cfg)
+    arrays = data.split("train")
+    names = data.meta["inputs"]
+    n = len(arrays["label"])
+    bs = cfg.batch_size
+
+    # (a) ours
+    model = build_model(data.meta, cfg)
+    step = nn.TrainOneStepCell(LossCell(model), nn.Adam(model.trainable_params(), learning_rate=cfg.lr))
+    step.set_train(True)
+    feed = {"it": None}
+
+    def ours(k):
+        for _ in range(k):
+            batch = next(feed["it"], None)
+            if batch is None:
+                feed["it"] = train.batches(arrays, names + ["label"], bs, train.epoch_order(cfg.seed, 0, n))
+                batch = next(feed["it"])
+            loss = step(*batch)
+        loss.asnumpy()
+
+    # (b) the published loop: one float row per sample (pandas), columns sliced and cast in the model call
+    widths = [arrays[k].reshape(n, -1).shape[1] for k in names]
+    frame = pd.DataFrame(np.concatenate([arrays[k].reshape(n, -1).astype(np.float64) for k in names], 1))
+    labels = pd.Series(arrays["label"])
+
+    class RowDataset:  # as the published util.MyDataset
+        def __getitem__(self, i):
+            return frame.iloc[i], ms.Tensor(labels.iloc[i], dtype=ms.float32)
+
+        def __len__(self):
+            return n
+
+    pub_model = build_model(data.meta, cfg)
+    pub_opt = nn.Adam(pub_model.trainable_params(), learning_rate=cfg.lr)
+    int_inputs = {k for k in names if arrays[k].dtype.kind == "i"}
+
+    def forward(rows, y):
+        cols, start = [], 0
+        for k, w in zip(names, widths):
+            cols.append(ms.Tensor(rows[:, start:start + w], dtype=ms.int32 if k in int_inputs else ms.float32))
+            start += w
+        logits, extras = pub_model.forward(*cols)
+        loss = ops.binary_cross_entropy_with_logits(logits, y, ops.ones_like(y), ops.ones_like(y))
+        if pub_model.has_aux:
+            loss = loss + pub_model.aux_loss(extras, y)
+        return loss, logits
+
+    grad_fn = ms.value_and_grad(forward, None, pub_opt.parameters, has_aux=True)
+    pub = {"it": None}
+
+    def published(k):
+        ms.set_context(mode=ms.PYNATIVE_MODE)
+        pub_model.set_train(True)
+        for _ in range(k):
+            batch = next(pub["it"], None) if pub["it"] else None
+            if batch is None:
+                dataset = ds.GeneratorDataset(RowDataset(), column_names=["data", "label"], shuffle=True).batch(bs)
+                pub["it"] = dataset.create_dict_iterator()
+                batch = next(pub["it"])
+            (loss, logits), grads = grad_fn(batch["data"], batch["label"])
+            pub_opt(grads)
+            roc_auc_score(batch["label"].asnumpy().astype(int), logits.asnumpy())
+        ms.set_context(mode=ms.GRAPH_MODE)
+
+    say("warming up (compilation, first batches)")
+    ours(3)
+    published(2)
+    ours_s, pub_s = [], []
+    for r in range(repeats):
+        ours_s.append(timed(ours, steps))
+        pub_s.append(timed(published, max(3, steps // 10)))
+        say(f"repeat {r + 1}/{repeats}: ours {ours_s[-1] * 1000:.0f} ms/step, published loop {pub_s[-1] * 1000:.0f} ms/step")
+    ours_med, pub_med = statistics.median(ours_s), statistics.median(pub_s)
+    ratios = [p / o for p, o in zip(pub_s, ours_s)]
+    return {"what": "train", "data": f"{data.meta['dataset']}/{data.meta['protocol']} ({n:,} training rows)",
+            "model": cfg.model, "batch_size": bs, "repeats": repeats, "steps_per_repeat": steps,
+            "ours_ms_per_step": round(ours_med * 1000, 1), "ours_samples_per_s": round(bs / ours_med),
+            "published_ms_per_step": round(pub_med * 1000, 1), "published_samples_per_s": round(bs / pub_med),
+            "speedup_median": round(statistics.median(ratios), 1), "speedups": [round(x, 1) for x in ratios],
+            "machine": machine()}
+
+
+def bench_data(cfg, repeats):
+    """Preprocessing time from the raw files, and loading a split as npz vs as MindRecord."""
+    import shutil
+    import tempfile
+    import get_dataset as gd
+    name, path = gd.resolve_source(cfg)
+    build_s = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        raw = gd.read_raw(name, path)
+        gd.build(raw, cfg)
+        build_s.append(time.perf_counter() - start)
+        say(f"preprocess {len(raw.ratings):,} ratings: {build_s[-1]:.2f} s")
+    data = gd.load_dataset(cfg, quiet=True)
+    arrays = data.split("train")
+    tmp = Path(tempfile.mkdtemp())
+    try:
+        from mindspore.mindrecord import FileWriter
+        import mindspore.dataset as ds
+        n = len(arrays["label"])
+        writer = FileWriter(str(tmp / "train.mindrecord"), shard_num=1, overwrite=True)
+        writer.add_schema({k: {"type": "int32" if v.dtype.kind == "i" else "float32", "shape": [-1]}
+                           if v.ndim > 1 else {"type": "int32" if v.dtype.kind == "i" else "float32"}
+                           for k, v in arrays.items() if k not in ("user_key", "item_key", "timestamp")}, "rows")
+        rows = [{k: (v[i].astype(np.int32) if v.dtype.kind == "i" else v[i].astype(np.float32))
+                 for k, v in arrays.items() if k not in ("user_key", "item_key", "timestamp")} for i in range(n)]
+        writer.write_raw_data(rows)
+        writer.commit()
+        npz_s, mr_s = [], []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            data.split("train")
+            npz_s.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            dataset = ds.MindDataset(str(tmp / "train.mindrecord"), shuffle=False)
+            loaded = {k: [] for k in rows[0]}
+            for row in dataset.create_dict_iterator(output_numpy=True, num_epochs=1):
+                for k in loaded:
+                    loaded[k].append(row[k])
+            {k: np.stack(v) for k, v in loaded.items()}
+            mr_s.append(time.perf_counter() - start)
+            say(f"load the training split: npz {npz_s[-1]:.3f} s, MindRecord {mr_s[-1]:.3f} s")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"what": "data", "data": f"{name} ({path})", "ratings": int(len(raw.ratings)),
+            "preprocess_seconds_median": round(statistics.median(build_s), 2),
+            "train_rows": int(len(arrays["label"])), "load_npz_seconds_median": round(statistics.median(npz_s), 3),
+            "load_mindrecord_seconds_median": round(statistics.median(mr_s), 3), "repeats": repeats,
+            "machine": machine()}
+
+
+def main():
+    own = argparse.ArgumentParser(add_help=False)
+    own.add_argument("what", choices=["train", "data"])
+    own.add_argument("--repeats", type=int, default=5)
+    own.add_argument("--steps", type=int, default=30)
+    args, rest = own.parse_known_args()
+    cfg, overrides = parse_args(rest, prog=f"benchmark.py {args.what}", description=__doc__.split("\n\n")[0])
+    cfg = default_data(cfg, overrides)
+    result = bench_train(cfg, args.repeats, args.steps) if args.what == "train" else bench_data(cfg, args.repeats)
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    run_cli(main)
