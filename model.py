@@ -7,7 +7,7 @@ Nothing here knows MovieLens: field names, vocabulary sizes and input arrays com
 import mindspore as ms
 from mindspore import nn, ops
 
-from module import CIRLoss, FEBlock, MLP, count_params, field_attention
+from module import CIRLoss, CrossNet, FEBlock, FM, MLP, SelfAttention, count_params, field_attention
 from util import UserError
 
 
@@ -41,27 +41,33 @@ class FeatureEmbedding(nn.Cell):
         return ops.stack(fields, 1), dense
 
 
+def flatten(fields, dense, flat_dim):
+    """(B, F, D) field embeddings and (B, n_dense) or None -> the MLP input (B, F*D + n_dense)."""
+    x = fields.reshape((-1, flat_dim))
+    return x if dense is None else ops.concat((x, dense), 1)
+
+
 class Tower(nn.Cell):
     """Embeddings -> field attention (Light-SE, SENET or none) -> flatten, append dense -> MLP.
 
-    Returns every MLP layer's output (a tuple of (B, hidden[l]))."""
+    Returns every MLP layer's output (a tuple of (B, hidden[l])). `extra_dim` widens the MLP input
+    for a vector the caller appends (DAT's augmented vector)."""
 
-    def __init__(self, spec, cfg, se=None):
+    def __init__(self, spec, cfg, se=None, extra_dim=0):
         super().__init__()
         self.embedding = FeatureEmbedding(spec, cfg.embed_dim)
         self.attention = field_attention(se or cfg.se, self.embedding.n_fields)
         self.flat_dim = self.embedding.n_fields * cfg.embed_dim
-        in_dim = self.flat_dim + self.embedding.n_dense
-        self.mlp = MLP(in_dim, cfg.mlp, cfg.dropout, cfg.batch_norm)
+        self.mlp = MLP(self.flat_dim + self.embedding.n_dense + extra_dim, cfg.mlp, cfg.dropout, cfg.batch_norm)
 
-    def construct(self, *inputs):
+    def features(self, *inputs):
         fields, dense = self.embedding(*inputs)
         if self.attention is not None:
             fields = self.attention(fields)
-        x = fields.reshape((-1, self.flat_dim))
-        if dense is not None:
-            x = ops.concat((x, dense), 1)
-        return self.mlp(x)
+        return flatten(fields, dense, self.flat_dim)
+
+    def construct(self, *inputs):
+        return self.mlp(self.features(*inputs))
 
 
 class RecModel(nn.Cell):
@@ -139,6 +145,186 @@ class IntTower(RecModel):
         return self.cir_weight * self.cir(user, item, labels)
 
 
+class DAT(RecModel):
+    """Dual Augmented Two-tower (Yu et al., 2021): each tower also reads a learned "augmented vector" of its
+    id (the tower's first sparse field), trained by the adaptive-mimic loss to imitate the other tower's
+    output for clicked pairs: dat_weight * mean(y * (|a_u - sg(p_v)|^2 + |a_v - sg(p_u)|^2)).
+    Score: the dot product of the tower outputs. (The published PyTorch DAT draws the augmented vectors
+    at random on every call, which makes the mimic loss meaningless; this one learns them.)"""
+    decoupled = True
+    has_aux = True
+
+    def __init__(self, meta, cfg):
+        super().__init__(meta)
+        dim = cfg.mlp[-1]
+        cfg = cfg.replace(se="none")
+        self.user_tower = Tower(meta["towers"]["user"], cfg, extra_dim=dim)
+        self.item_tower = Tower(meta["towers"]["item"], cfg, extra_dim=dim)
+        self.user_augment = nn.Embedding(meta["towers"]["user"]["sparse"][0]["vocab_size"], dim)
+        self.item_augment = nn.Embedding(meta["towers"]["item"]["sparse"][0]["vocab_size"], dim)
+        self.bias = ms.Parameter(ms.Tensor(0.0, ms.float32), name="bias")
+        self.weight = float(cfg.dat_weight)
+
+    def _side(self, tower, augment, inputs):
+        aug = augment(inputs[0][:, 0])
+        return tower.mlp(ops.concat((tower.features(*inputs), aug), 1))[-1], aug
+
+    def user_representation(self, *user_inputs):
+        return self._side(self.user_tower, self.user_augment, user_inputs)[0]
+
+    def item_representation(self, *item_inputs):
+        return self._side(self.item_tower, self.item_augment, item_inputs)[0]
+
+    def score(self, user, item):
+        return (user * item).sum(-1) + self.bias
+
+    def forward(self, *inputs):
+        user, user_aug = self._side(self.user_tower, self.user_augment, inputs[:self.n_user_inputs])
+        item, item_aug = self._side(self.item_tower, self.item_augment, inputs[self.n_user_inputs:])
+        return self.score(user, item), (user, item, user_aug, item_aug)
+
+    def construct(self, *inputs):
+        return self.forward(*inputs)[0]
+
+    def aux_loss(self, extras, labels):
+        user, item, user_aug, item_aug = extras
+        mimic_u = ((user_aug - ops.stop_gradient(item)) ** 2).sum(-1)
+        mimic_v = ((item_aug - ops.stop_gradient(user)) ** 2).sum(-1)
+        return self.weight * ((mimic_u + mimic_v) * labels).mean()
+
+
+class FieldModel(RecModel):
+    """Base of the models that read user and item fields together (coupled: no item index)."""
+
+    def __init__(self, meta, cfg, dim=None):
+        super().__init__(meta)
+        dim = dim or cfg.embed_dim
+        self.user_embedding = FeatureEmbedding(meta["towers"]["user"], dim)
+        self.item_embedding = FeatureEmbedding(meta["towers"]["item"], dim)
+        self.n_fields = self.user_embedding.n_fields + self.item_embedding.n_fields
+        self.n_dense = self.user_embedding.n_dense + self.item_embedding.n_dense
+        self.flat_dim = self.n_fields * dim
+
+    def embed(self, *inputs):
+        """All fields (B, F_user + F_item, D) and all dense values (B, n_dense) or None."""
+        user, user_dense = self.user_embedding(*inputs[:self.n_user_inputs])
+        item, item_dense = self.item_embedding(*inputs[self.n_user_inputs:])
+        if user_dense is None or item_dense is None:
+            dense = item_dense if user_dense is None else user_dense
+        else:
+            dense = ops.concat((user_dense, item_dense), 1)
+        return ops.concat((user, item), 1), dense
+
+
+class LR(FieldModel):
+    """Logistic regression: one weight per feature value (dimension-1 embeddings) and per dense value."""
+
+    def __init__(self, meta, cfg):
+        super().__init__(meta, cfg, dim=1)
+        self.dense = nn.Dense(self.n_dense, 1) if self.n_dense else None
+
+    def construct(self, *inputs):
+        fields, dense = self.embed(*inputs)
+        logit = fields.sum((1, 2))
+        return logit + self.dense(dense).squeeze(-1) if self.dense is not None else logit
+
+
+class DeepModel(FieldModel):
+    """Shared by the ranking models: field embeddings, an MLP over them, a linear output layer over
+    the MLP's last layer and whatever `parts(fields, x)` adds (cross network, attention...)."""
+
+    def __init__(self, meta, cfg, wide=False, se=None):
+        super().__init__(meta, cfg)
+        self.attention = field_attention(se, self.n_fields) if se else None
+        self.mlp = MLP(self.flat_dim + self.n_dense, cfg.mlp, cfg.dropout, cfg.batch_norm)
+        self.out = nn.Dense(cfg.mlp[-1] + self.parts_width(cfg), 1)
+        self.wide = LR(meta, cfg) if wide else None
+
+    def parts_width(self, cfg):
+        return 0
+
+    def parts(self, fields, x):
+        return ()
+
+    def pairwise(self, fields):
+        return 0.0
+
+    def construct(self, *inputs):
+        fields, dense = self.embed(*inputs)
+        if self.attention is not None:
+            fields = self.attention(fields)
+        x = flatten(fields, dense, self.flat_dim)
+        hidden = self.mlp(x)[-1]
+        extra = self.parts(fields, x)
+        logit = self.out(ops.concat((hidden,) + extra, 1) if extra else hidden).squeeze(-1) + self.pairwise(fields)
+        return logit + self.wide(*inputs) if self.wide is not None else logit
+
+
+class WideDeep(DeepModel):
+    """Wide & Deep (Cheng et al., 2016): logistic regression + MLP."""
+
+    def __init__(self, meta, cfg):
+        super().__init__(meta, cfg, wide=True)
+
+
+class DeepFM(DeepModel):
+    """DeepFM (Guo et al., 2017): first-order weights + FM pairwise term + MLP, sharing embeddings."""
+
+    def __init__(self, meta, cfg):
+        super().__init__(meta, cfg, wide=True)
+        self.fm = FM()
+
+    def pairwise(self, fields):
+        return self.fm(fields)
+
+
+class COLD(DeepModel):
+    """COLD (Wang et al., 2020), the pre-ranking model: SE feature weighting over all user and item
+    fields, then an MLP, plus the linear part (as in the published comparison code)."""
+
+    def __init__(self, meta, cfg):
+        super().__init__(meta, cfg, wide=True, se="senet")
+
+
+class DCN(DeepModel):
+    """Deep & Cross Network (Wang et al., 2017): a cross network beside the MLP, both read by the output."""
+
+    def __init__(self, meta, cfg):
+        super().__init__(meta, cfg)
+        self.cross = CrossNet(self.flat_dim + self.n_dense, cfg.cross_layers)
+
+    def parts_width(self, cfg):
+        return self.flat_dim + self.n_dense
+
+    def parts(self, fields, x):
+        return (self.cross(x),)
+
+
+class AutoInt(DeepModel):
+    """AutoInt+ (Song et al., 2019): multi-head self-attention layers over the fields beside the MLP."""
+
+    def __init__(self, meta, cfg):
+        super().__init__(meta, cfg)
+        head_dim = max(1, cfg.embed_dim // cfg.attention_heads)
+        self.attention_layers = nn.CellList([SelfAttention(cfg.embed_dim if i == 0 else head_dim * cfg.attention_heads,
+                                                           cfg.attention_heads, head_dim)
+                                             for i in range(cfg.attention_layers)])
+
+    def parts_width(self, cfg):
+        self.att_dim = self.n_fields * max(1, cfg.embed_dim // cfg.attention_heads) * cfg.attention_heads
+        return self.att_dim
+
+    def parts(self, fields, x):
+        for layer in self.attention_layers:
+            fields = layer(fields)
+        return (fields.reshape((-1, self.att_dim)),)
+
+
+MODELS = {"inttower": IntTower, "two_tower": IntTower, "dat": DAT, "lr": LR, "cold": COLD, "wide_deep": WideDeep,
+          "deepfm": DeepFM, "dcn": DCN, "autoint": AutoInt}
+PRE_RANKING = ("lr", "two_tower", "dat", "cold", "inttower")  # the paper's grouping
+
+
 class LossCell(nn.Cell):
     """BCE on the logits plus the model's auxiliary loss (CIR, DAT's mimic loss...)."""
 
@@ -163,10 +349,7 @@ def model_config(cfg):
 
 
 def build_model(meta, cfg):
-    cfg = model_config(cfg)
-    if cfg.model in ("inttower", "two_tower"):
-        return IntTower(meta, cfg)
-    raise UserError(f"model {cfg.model!r} is not available yet")
+    return MODELS[cfg.model](meta, model_config(cfg))
 
 
 def check_inputs(meta, arrays):

@@ -4,6 +4,7 @@ Shapes: B batch, F fields, D embedding size, L user layers used by the FE-Block,
 """
 import mindspore as ms
 from mindspore import nn, ops
+from mindspore.common.initializer import XavierNormal, initializer
 
 
 class LightSE(nn.Cell):
@@ -167,3 +168,52 @@ class CIRLoss(nn.Cell):
 def count_params(cell):
     return int(sum(p.size for p in cell.trainable_params()))
 
+
+
+class FM(nn.Cell):
+    """Factorization-machine pairwise term: (B, F, D) -> (B,), sum over field pairs of <e_i, e_j>."""
+
+    def construct(self, embeddings):
+        total = embeddings.sum(1)
+        return 0.5 * (total * total - (embeddings * embeddings).sum(1)).sum(-1)
+
+
+class CrossNet(nn.Cell):
+    """DCN cross network (vector form): x_{l+1} = x_0 * (x_l . w_l) + b_l + x_l; (B, d) -> (B, d)."""
+
+    def __init__(self, dim, layers=3):
+        super().__init__()
+        self.weights = ms.ParameterTuple(ms.Parameter(initializer(XavierNormal(), (dim, 1), ms.float32), name=f"w{i}")
+                                         for i in range(layers))
+        self.biases = ms.ParameterTuple(ms.Parameter(ops.zeros(dim, ms.float32), name=f"b{i}") for i in range(layers))
+
+    def construct(self, x0):
+        x = x0
+        for w, b in zip(self.weights, self.biases):
+            x = x0 * ops.matmul(x, w) + b + x
+        return x
+
+
+class SelfAttention(nn.Cell):
+    """AutoInt's interacting layer: multi-head self-attention over fields with a residual projection
+    and ReLU; (B, F, D) -> (B, F, heads * head_dim)."""
+
+    def __init__(self, in_dim, heads=2, head_dim=16):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        out = heads * head_dim
+        self.query = nn.Dense(in_dim, out, has_bias=False)
+        self.key = nn.Dense(in_dim, out, has_bias=False)
+        self.value = nn.Dense(in_dim, out, has_bias=False)
+        self.residual = nn.Dense(in_dim, out, has_bias=False)
+        self.scale = head_dim ** -0.5
+
+    def _split(self, x, fields):  # (B, F, H*d) -> (B, H, F, d)
+        return x.reshape((-1, fields, self.heads, self.head_dim)).transpose(0, 2, 1, 3)
+
+    def construct(self, x):
+        fields = x.shape[1]
+        q, k, v = self._split(self.query(x), fields), self._split(self.key(x), fields), self._split(self.value(x), fields)
+        attention = ops.softmax(ops.matmul(q, k.transpose(0, 1, 3, 2)) * self.scale, axis=-1)
+        out = ops.matmul(attention, v).transpose(0, 2, 1, 3).reshape((-1, fields, self.heads * self.head_dim))
+        return ops.relu(out + self.residual(x))
