@@ -108,17 +108,23 @@ class IntTower(RecModel):
         self.cir_weight = float(cfg.cir_weight)
         self.has_aux = self.cir_weight > 0
         self.cir = CIRLoss(cfg.cir_tau)
-        self.cir_dim = cfg.heads * cfg.head_dim if cfg.interaction == "fe" else last
+        self.cir_anchors = cfg.cir_anchors
+
+    def _user(self, inputs):
+        layers = self.user_tower(*inputs)
+        return (self.fe.user_heads(layers) if self.interaction == "fe" else layers[-1]), layers[-1]
+
+    def _item(self, inputs):
+        last = self.item_tower(*inputs)[-1]
+        return (self.fe.item_heads(last) if self.interaction == "fe" else last), last
 
     def user_representation(self, *user_inputs):
         """(B, L, H, p) FE heads, or (B, hidden) for dot/fc."""
-        layers = self.user_tower(*user_inputs)
-        return self.fe.user_heads(layers) if self.interaction == "fe" else layers[-1]
+        return self._user(user_inputs)[0]
 
     def item_representation(self, *item_inputs):
         """(B, H, p) FE heads, or (B, hidden) for dot/fc."""
-        last = self.item_tower(*item_inputs)[-1]
-        return self.fe.item_heads(last) if self.interaction == "fe" else last
+        return self._item(item_inputs)[0]
 
     def score(self, user, item):
         """Logits (B,) of user and item representations (for fe/dot, user may be one row)."""
@@ -129,19 +135,19 @@ class IntTower(RecModel):
         return self.head(ops.concat((user, item), -1)).squeeze(-1)
 
     def forward(self, *inputs):
-        user = self.user_representation(*inputs[:self.n_user_inputs])
-        item = self.item_representation(*inputs[self.n_user_inputs:])
-        return self.score(user, item), (user, item)
+        user, user_last = self._user(inputs[:self.n_user_inputs])
+        item, item_last = self._item(inputs[self.n_user_inputs:])
+        return self.score(user, item), (user_last, item_last)
 
     def construct(self, *inputs):
         return self.forward(*inputs)[0]
 
     def aux_loss(self, extras, labels):
-        """CIR between the representations the score uses (the last user layer's heads for fe)."""
+        """CIR between the towers' last layers (the representations every interaction reads), with the
+        first `cir_anchors` rows of the batch as anchors (0: all rows) against all of its items."""
         user, item = extras
-        if self.interaction == "fe":
-            user, item = user[:, -1], item
-        user, item = user.reshape((-1, self.cir_dim)), item.reshape((-1, self.cir_dim))
+        if self.cir_anchors:
+            return self.cir_weight * self.cir(user[:self.cir_anchors], item, labels[:self.cir_anchors])
         return self.cir_weight * self.cir(user, item, labels)
 
 

@@ -62,6 +62,7 @@ class Config:
     batch_norm: bool = _opt(True, "BatchNorm after every Dense layer of the MLPs")
     cir_weight: float = _opt(0.1, "weight of the contrastive CIR loss (0: off)")
     cir_tau: float = _opt(0.2, "temperature of the CIR loss")
+    cir_anchors: int = _opt(512, "CIR: the first N rows of a batch are anchors against all its items (0: all rows)")
     dat_weight: float = _opt(0.5, "DAT: weight of the adaptive-mimic loss")
     cross_layers: int = _opt(3, "DCN: number of cross layers")
     attention_layers: int = _opt(3, "AutoInt: number of self-attention layers")
@@ -92,7 +93,7 @@ class Config:
         for key in positive:
             if getattr(self, key) <= 0:
                 raise ValueError(f"--{key} must be positive, got {getattr(self, key)}")
-        for key in ("patience", "zip_prefix", "max_steps", "cir_weight", "weight_decay", "mean_prior",
+        for key in ("patience", "zip_prefix", "max_steps", "cir_weight", "cir_anchors", "weight_decay", "mean_prior",
                     "dat_weight"):
             if getattr(self, key) < 0:
                 raise ValueError(f"--{key} must be >= 0, got {getattr(self, key)}")

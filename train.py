@@ -9,6 +9,7 @@ best.ckpt (the model at its best validation AUC) and last.ckpt (model + optimize
 for --resume). The train step is compiled (GRAPH_MODE, nn.TrainOneStepCell) and fed whole batches
 sliced from numpy arrays: the fastest setup measured here (README, "Performance").
 """
+import hashlib
 import json
 import math
 import os
@@ -81,6 +82,15 @@ def evaluate(model, arrays, names, batch_size, with_gauc=False):
 
 # ---------------------------------------------------------------- checkpoints
 
+def params_md5(cell):
+    """A checksum of every parameter (by name): equal on all ranks of a data-parallel job."""
+    digest = hashlib.md5()
+    for name, p in sorted(cell.parameters_and_names(), key=lambda x: x[0]):
+        digest.update(name.encode())
+        digest.update(p.asnumpy().tobytes())
+    return digest.hexdigest()
+
+
 def save_checkpoint(cell, path, state=None):
     """Write a checkpoint atomically (MindSpore's save deletes the old file before writing)."""
     import mindspore as ms
@@ -122,25 +132,82 @@ def load_checkpoint(cell, path):
 # ---------------------------------------------------------------- the run
 
 class World:
-    """This process's place in a data-parallel job (one process: rank 0 of 1)."""
-    size, rank, suffix = 1, 0, ""
+    """This process's place in a data-parallel job: rank 0 of 1, or one rank of an msrun launch.
+
+    Every rank trains on its own shard (rows rank::size) with the per-rank --batch_size; the gradient
+    all-reduce (inserted by TrainOneStepCell under DATA_PARALLEL, gradients_mean=True) keeps the
+    weights identical. At each epoch end the BatchNorm moving statistics are averaged too, so every
+    rank holds the same model, evaluates the same validation AUC and takes the same decisions; only
+    rank 0 writes checkpoints and metrics."""
+    size, rank, suffix, is_scheduler = 1, 0, "", False
 
     @classmethod
     def setup(cls, cfg):
-        return cls()
+        world = cls()
+        if not (cfg.distribute or os.environ.get("MS_ROLE") in ("MS_WORKER", "MS_SCHED")):
+            return world
+        import mindspore as ms
+        from mindspore import communication, nn, ops
+        try:
+            communication.init()  # in msrun's scheduler process this runs the whole job
+        except RuntimeError as e:
+            what = "the distributed job failed" if os.environ.get("MS_ROLE") == "MS_SCHED" else \
+                "distributed initialisation failed (launch with msrun, see README)"
+            raise UserError(f"{what}: {str(e).strip().splitlines()[0]}") from None
+        if os.environ.get("MS_ROLE") == "MS_SCHED":
+            world.is_scheduler = True
+            return world
+        ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True)
+        world.size, world.rank = communication.get_group_size(), communication.get_rank()
+        world.suffix = f".rank{world.rank}"
+
+        class AllReduce(nn.Cell):
+            def __init__(self):
+                super().__init__()
+                self.sum = ops.AllReduce()
+
+            def construct(self, x):
+                return self.sum(x)
+
+        world._all_reduce = AllReduce()
+        return world
 
     @property
     def is_main(self):
         return self.rank == 0
 
     def shard(self, arrays):
-        return arrays
+        return arrays if self.size == 1 else {k: v[self.rank::self.size] for k, v in arrays.items()}
+
+    def sum(self, values):
+        """Element-wise sum of a float32 vector over the ranks."""
+        import mindspore as ms
+        values = np.asarray(values, np.float32)
+        return values if self.size == 1 else self._all_reduce(ms.Tensor(values)).asnumpy()
 
     def broadcast_path(self, path):
-        return path
+        """Rank 0's run directory on every rank (its name is sent as bytes)."""
+        if self.size == 1:
+            return path
+        text = np.zeros(512, np.float32)
+        if self.is_main:
+            raw = str(path).encode()[:512]
+            text[:len(raw)] = np.frombuffer(raw, np.uint8)
+        data = self.sum(text).astype(np.uint8)
+        return Path(bytes(data[data > 0]).decode())
 
-    def broadcast_state(self, state):
-        return state
+    def sync_statistics(self, model):
+        """Average the non-trainable parameters (BatchNorm moving statistics) over the ranks."""
+        if self.size == 1:
+            return
+        import mindspore as ms
+        stats = [p for p in model.get_parameters() if not p.requires_grad]
+        if stats:
+            flat = self.sum(np.concatenate([p.asnumpy().ravel() for p in stats])) / self.size
+            start = 0
+            for p in stats:
+                p.set_data(ms.Tensor(flat[start:start + p.size].reshape(p.shape), p.dtype))
+                start += p.size
 
 
 def new_run_dir(cfg, meta):
@@ -177,9 +244,11 @@ def train(cfg, overrides=frozenset()):
     from mindspore import nn
     from model import LossCell, build_model, check_inputs, describe
 
-    data = load_dataset(cfg)
-    meta = data.meta
     world = World.setup(cfg)
+    if world.is_scheduler:  # msrun's scheduler process: init() ran the job, nothing else to do
+        return None
+    data = load_dataset(cfg, quiet=not world.is_main)
+    meta = data.meta
     names = meta["inputs"]
     train_arrays = world.shard(data.split("train"))
     val_arrays = data.split("val")
@@ -189,7 +258,8 @@ def train(cfg, overrides=frozenset()):
     if world.is_main and not cfg.resume:
         write_json(run_dir / "config.json", cfg.to_dict())
         write_json(run_dir / "data_meta.json", {**meta, "cache": str(data.path)})
-    say(f"config: {json.dumps(cfg.to_dict())}")
+    if world.is_main:
+        say(f"config: {json.dumps(cfg.to_dict())}")
 
     model = build_model(meta, cfg)
     optimizer = nn.Adam(model.trainable_params(), learning_rate=cfg.lr, weight_decay=cfg.weight_decay)
@@ -199,8 +269,9 @@ def train(cfg, overrides=frozenset()):
         state = load_checkpoint(step, run_dir / "last.ckpt") or state
         say(f"resuming {run_dir} after epoch {state['epoch']} (step {state['step']})")
     info = describe(model)
-    say(f"model: {cfg.model} ({info['parameters']:,} parameters); run: {run_dir}; "
-        f"{len(train_arrays['label']):,} training rows per {'rank' if world.size > 1 else 'epoch'}")
+    if world.is_main:
+        say(f"model: {cfg.model} ({info['parameters']:,} parameters); run: {run_dir}; "
+            f"{len(train_arrays['label']):,} training rows per {'rank' if world.size > 1 else 'epoch'}")
 
     n_train = len(train_arrays["label"])
     steps_per_epoch = n_train // cfg.batch_size
@@ -230,28 +301,29 @@ def train(cfg, overrides=frozenset()):
             if cfg.max_steps and state["step"] >= cfg.max_steps:
                 break
         bar.close()
+        world.sync_statistics(model)
         if not all(np.isfinite(p.asnumpy()).all() for p in model.get_parameters()):
             raise UserError(f"parameters are no longer finite after epoch {epoch + 1} (NaN or inf in the inputs or "
                             f"gradients); the last good checkpoint is kept in {run_dir}")
         train_seconds = time.perf_counter() - started
         record = {"epoch": epoch + 1, "step": state["step"], "train_loss": float(np.mean(losses)),
-                  "train_seconds": round(train_seconds, 2),
+                  "train_seconds": round(train_seconds, 2), "params_md5": params_md5(model),
                   "samples_per_second": round(len(losses) * cfg.batch_size * world.size / train_seconds, 1)}
-        if world.is_main:
-            val = evaluate(model, val_arrays, names, cfg.eval_batch_size)
-            record.update(val_auc=val["auc"], val_logloss=val["logloss"])
-            improved = val["auc"] > state["best_auc"]
-            if improved:
-                state.update(best_auc=val["auc"], best_epoch=epoch + 1, bad_epochs=0)
+        val = evaluate(model, val_arrays, names, cfg.eval_batch_size)  # the same on every rank
+        record.update(val_auc=val["auc"], val_logloss=val["logloss"])
+        improved = val["auc"] > state["best_auc"]
+        if improved:
+            state.update(best_auc=val["auc"], best_epoch=epoch + 1, bad_epochs=0)
+            if world.is_main:
                 save_checkpoint(model, run_dir / "best.ckpt")
-            else:
-                state["bad_epochs"] += 1
+        else:
+            state["bad_epochs"] += 1
+        if world.is_main:
             say(f"epoch {epoch + 1}: loss {record['train_loss']:.4f}, val AUC {val['auc']:.4f}, "
                 f"logloss {val['logloss']:.4f}, {record['samples_per_second']:,.0f} samples/s"
                 + (" (best)" if improved else ""))
         state["epoch"] = epoch + 1
         state["seconds"] += time.perf_counter() - started
-        state = world.broadcast_state(state)
         if world.is_main:
             save_checkpoint(step, run_dir / "last.ckpt", state)
         record["seconds"] = round(time.perf_counter() - started, 2)

@@ -98,17 +98,20 @@ def read_json(path, what="file"):
 
 @contextlib.contextmanager
 def atomic_dir(path):
-    """Build a directory under a temporary name; it appears at `path` only if the block succeeds."""
+    """Build a directory under a temporary name; it appears at `path` only if the block succeeds.
+
+    If another process built the same directory meanwhile (ranks of a distributed job), its copy is
+    kept and ours dropped: the contents are the same by construction (the name is a content key)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
-        if path.exists():  # a stale copy (e.g. from an older format): move it aside, then drop it
-            old = tmp.with_suffix(".old")
-            os.replace(path, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, path)
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            if not path.is_dir():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

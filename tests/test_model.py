@@ -243,9 +243,23 @@ def test_cir_term_is_in_the_loss():
     without.set_train(False)
     l1 = M.LossCell(with_cir)(*inputs(b), T(b["label"])).asnumpy()
     l0 = M.LossCell(without)(*inputs(b), T(b["label"])).asnumpy()
-    logits, (u, v) = with_cir.forward(*inputs(b))
-    cir = CIRLoss(SMALL.cir_tau)(u[:, -1].reshape(8, -1), v.reshape(8, -1), T(b["label"])).asnumpy()
+    logits, (u, v) = with_cir.forward(*inputs(b))  # the towers' last layers
+    assert u.shape == v.shape == (8, SMALL.mlp[-1])
+    cir = CIRLoss(SMALL.cir_tau)(u, v, T(b["label"])).asnumpy()
     np.testing.assert_allclose(l1 - l0, SMALL.cir_weight * cir, rtol=1e-4, atol=1e-6)
+
+
+def test_cir_anchors_are_the_first_rows():
+    cir = CIRLoss(0.3)
+    u = RNG.normal(size=(6, 4)).astype(np.float32)
+    v = RNG.normal(size=(6, 4)).astype(np.float32)
+    y = np.array([1, 1, 0, 1, 1, 0], np.float32)
+    un = u / np.linalg.norm(u, axis=1, keepdims=True)
+    vn = v / np.linalg.norm(v, axis=1, keepdims=True)
+    logits = un[:3] @ vn.T / 0.3  # 3 anchors against all 6 items
+    per_row = np.log(np.exp(logits).sum(1)) - np.diag(logits[:, :3])
+    expected = (per_row * y[:3]).sum() / y[:3].sum()
+    np.testing.assert_allclose(cir(T(u[:3]), T(v), T(y[:3])).asnumpy(), expected, rtol=1e-5)
 
 
 def test_two_tower_is_inttower_without_additions():
