@@ -72,7 +72,7 @@ def bench_train(cfg, repeats, steps):
 
     def ours(k):
         for _ in range(k):
-            batch = next(feed["it"], None)
+            batch = next(feed["it"], None) if feed["it"] else None
             if batch is None:
                 feed["it"] = train.batches(arrays, names + ["label"], bs, train.epoch_order(cfg.seed, 0, n))
                 batch = next(feed["it"])
@@ -91,8 +91,6 @@ def bench_train(cfg, repeats, steps):
         def __len__(self):
             return n
 
-    pub_model = build_model(data.meta, cfg)
-    pub_opt = nn.Adam(pub_model.trainable_params(), learning_rate=cfg.lr)
     int_inputs = {k for k in names if arrays[k].dtype.kind == "i"}
 
     def forward(rows, y):
@@ -100,26 +98,29 @@ def bench_train(cfg, repeats, steps):
         for k, w in zip(names, widths):
             cols.append(ms.Tensor(rows[:, start:start + w], dtype=ms.int32 if k in int_inputs else ms.float32))
             start += w
-        logits, extras = pub_model.forward(*cols)
+        logits, extras = pub["model"].forward(*cols)
         loss = ops.binary_cross_entropy_with_logits(logits, y, ops.ones_like(y), ops.ones_like(y))
-        if pub_model.has_aux:
-            loss = loss + pub_model.aux_loss(extras, y)
+        if pub["model"].has_aux:
+            loss = loss + pub["model"].aux_loss(extras, y)
         return loss, logits
 
-    grad_fn = ms.value_and_grad(forward, None, pub_opt.parameters, has_aux=True)
     pub = {"it": None}
 
     def published(k):
         ms.set_context(mode=ms.PYNATIVE_MODE)
-        pub_model.set_train(True)
+        if "model" not in pub:  # built in PyNative mode, as the published train.py does
+            pub["model"] = build_model(data.meta, cfg)
+            pub["opt"] = nn.Adam(pub["model"].trainable_params(), learning_rate=cfg.lr)
+            pub["grad"] = ms.value_and_grad(forward, None, pub["opt"].parameters, has_aux=True)
+        pub["model"].set_train(True)
         for _ in range(k):
             batch = next(pub["it"], None) if pub["it"] else None
             if batch is None:
                 dataset = ds.GeneratorDataset(RowDataset(), column_names=["data", "label"], shuffle=True).batch(bs)
                 pub["it"] = dataset.create_dict_iterator()
                 batch = next(pub["it"])
-            (loss, logits), grads = grad_fn(batch["data"], batch["label"])
-            pub_opt(grads)
+            (loss, logits), grads = pub["grad"](batch["data"], batch["label"])
+            pub["opt"](grads)
             roc_auc_score(batch["label"].asnumpy().astype(int), logits.asnumpy())
         ms.set_context(mode=ms.GRAPH_MODE)
 

@@ -74,13 +74,13 @@ def export_run(cfg, overrides=frozenset()):
     from model import build_model, model_config
     model_cfg = model_config(run_cfg)
     model = build_model(meta, run_cfg)
-    if not getattr(model, "decoupled", False):
-        raise UserError(f"model {run_cfg.model} (interaction {model_cfg.interaction}) couples user and item "
-                        f"features: only decoupled models can be exported as towers with an item index")
+    if not model.decoupled:
+        raise UserError(f"model {run_cfg.model} couples user and item features: only decoupled models "
+                        f"(inttower with interaction fe or dot, two_tower, dat) have towers and an item index")
     load_checkpoint(model, checkpoint)
     truncated = False
     if "last_layer_only" in overrides and cfg.last_layer_only and not model_cfg.last_layer_only:
-        if model_cfg.interaction != "fe":
+        if model.scoring != "maxsim":
             raise UserError("--last_layer_only applies to the FE-Block interaction only")
         model.fe.keep_last_layer_only()
         truncated = True
@@ -127,14 +127,14 @@ def export_run(cfg, overrides=frozenset()):
         np.savez(tmp / "users.npz", **users)
         np.savez(tmp / "vocab.npz", **data.catalog("vocab"))
         (tmp / "titles.json").write_text(json.dumps([str(t) for t in items["title"]]))
-        fe = model_cfg.interaction == "fe"
+        user_shape = list(model.user_representation(*[ms.Tensor(users[k][:1]) for k in names[:n_user]]).shape[1:])
         manifest = {
             "created": time.strftime("%Y-%m-%d %H:%M:%S"), "run_dir": str(run_dir), "checkpoint": str(checkpoint),
             "checkpoint_md5": md5_file(checkpoint), "model": run_cfg.model, "config": run_cfg.to_dict(),
-            "interaction": model_cfg.interaction, "last_layer_only": bool(model_cfg.last_layer_only or truncated),
+            "scoring": model.scoring, "last_layer_only": bool(model_cfg.last_layer_only or truncated),
             "truncated_to_last_layer": truncated,
             "score_bias": float(model.bias.asnumpy()), "prior": meta["positive_rate"]["train"],
-            "user_shape": [len(model.fe.user_layers), model_cfg.heads, model_cfg.head_dim] if fe else [index.shape[1]],
+            "user_shape": user_shape,
             "item_shape": list(index.shape[1:]), "items": int(len(items["key"])), "oov_row": int(len(items["key"])),
             "dataset": meta["dataset"], "protocol": meta["protocol"], "towers": meta["towers"], "inputs": names,
             "user_inputs": names[:n_user], "item_inputs": names[n_user:], "formats": formats,

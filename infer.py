@@ -59,7 +59,7 @@ class Scorer:
         ms.set_context(mode=ms.GRAPH_MODE)
         self.user_tower = nn.GraphCell(ms.load(str(self.dir / "user_tower.mindir")))
         self.bias = m["score_bias"]
-        self.fe = m["interaction"] == "fe"
+        self.fe = m["scoring"] == "maxsim"
         self.prior = m["prior"]  # the training positive rate: dense features of users without history
 
     # ---- inputs

@@ -75,6 +75,7 @@ class RecModel(nn.Cell):
     forward(*inputs) -> (logits, extras) and, when has_aux, aux_loss(extras, labels) -> scalar."""
     has_aux = False
     decoupled = False  # True: user_representation / item_representation / score exist
+    scoring = None     # decoupled models: "maxsim" (FE-Block heads) or "dot" (one vector per side)
 
     def __init__(self, meta):
         super().__init__()
@@ -97,6 +98,7 @@ class IntTower(RecModel):
         super().__init__(meta)
         self.interaction = cfg.interaction
         self.decoupled = cfg.interaction != "fc"
+        self.scoring = {"fe": "maxsim", "dot": "dot"}.get(cfg.interaction)
         self.user_tower = Tower(meta["towers"]["user"], cfg)
         self.item_tower = Tower(meta["towers"]["item"], cfg)
         last = cfg.mlp[-1]
@@ -159,6 +161,7 @@ class DAT(RecModel):
     at random on every call, which makes the mimic loss meaningless; this one learns them.)"""
     decoupled = True
     has_aux = True
+    scoring = "dot"
 
     def __init__(self, meta, cfg):
         super().__init__(meta)

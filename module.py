@@ -92,7 +92,7 @@ class MLP(nn.Cell):
         super().__init__()
         layers = []
         for size in hidden:
-            block = [nn.Dense(in_dim, size)]
+            block = [nn.Dense(in_dim, size, has_bias=not batch_norm)]  # BatchNorm's beta is the bias
             block += [BatchNorm(size)] if batch_norm else []
             block += [nn.ReLU()]
             block += [nn.Dropout(p=dropout)] if dropout > 0 else []

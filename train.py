@@ -341,6 +341,7 @@ def train(cfg, overrides=frozenset()):
     metrics = {
         "model": cfg.model, "dataset": meta["dataset"], "synthetic": meta["synthetic"],
         "protocol": meta["protocol"], "leaky": meta["leaky"], "seed": cfg.seed, "parameters": info["parameters"],
+        "decoupled": model.decoupled,
         "best_epoch": state["best_epoch"], "epochs_run": state["epoch"], "steps": state["step"],
         "val_auc": state["best_auc"], "test": test,
         "train_seconds": round(sum(h["train_seconds"] for h in history), 2),

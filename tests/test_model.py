@@ -79,9 +79,11 @@ def test_mlp_returns_every_layer():
     outs = mlp(T(x))
     assert [o.shape for o in outs] == [(3, 8), (3, 6), (3, 4)]
     h = x
-    for layer, o in zip(mlp.layers, outs):  # Dense -> BN (eval: moving stats 0/1) -> ReLU
+    for layer, o in zip(mlp.layers, outs):  # Dense (no bias: BN's beta) -> BN (eval: moving stats 0/1) -> ReLU
         dense_cell, bn = layer[0], layer[1]
-        h = np.maximum(dense(dense_cell, h) / np.sqrt(1 + 1e-5) * bn.gamma.asnumpy() + bn.beta.asnumpy(), 0)
+        assert dense_cell.bias is None
+        h = h @ dense_cell.weight.asnumpy().T
+        h = np.maximum(h / np.sqrt(1 + 1e-5) * bn.gamma.asnumpy() + bn.beta.asnumpy(), 0)
         np.testing.assert_allclose(o.asnumpy(), h, atol=1e-5)
 
 

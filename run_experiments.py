@@ -1,0 +1,270 @@
+"""Train and evaluate any subset of models x ablations x seeds x protocols, and write the results tables.
+
+    python run_experiments.py --models all --seeds 1,2,3 --protocols paper,temporal
+    python run_experiments.py --models inttower --ablations --seeds 1,2,3 --protocols paper
+    python run_experiments.py --report                      # only rebuild the tables from finished runs
+    python run_experiments.py --models all --tune_lr 0.0005,0.002   # pick each model's lr on validation first
+
+Every run is `python train.py ...` in its own process, in results/runs/<model>-<protocol>-seed<N>;
+a run whose metrics.json exists is not repeated, so an interrupted sweep continues where it stopped.
+Config keys of train.py (--data_path, --epochs, --lr...) apply to every run; --paper_data and
+--temporal_data give a protocol its own ratings file (e.g. the genuine files of ../shared/data/ml-1m:
+all ratings without timestamps for paper, users 1-2999 with timestamps for temporal).
+
+Writes results/results.csv (one row per run), results/<protocol>.md (mean +- std over seeds: AUC,
+logloss, parameters, training time, and for decoupled models the latency of scoring 10,000
+candidates from the item index) and results/ablation.png (the paper's Figure 6(a)).
+"""
+import argparse
+import csv
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from model_config import MODELS, parse_args
+from util import ROOT, UserError, run_cli, say
+
+ABLATIONS = {  # the paper's Figure 6(a): IntTower with one module removed or replaced
+    "w/o Light-SE": {"se": "none"},
+    "Light-SE -> SENET": {"se": "senet"},
+    "w/o FE-Block": {"interaction": "dot"},
+    "FE-Block -> FC": {"interaction": "fc"},
+    "w/o CIR": {"cir_weight": "0"},
+}
+PAPER = {"inttower": (0.8974, 0.3128), "two_tower": (0.8697, 0.4559), "dat": (0.8712, None), "cold": (0.8836, None),
+         "wide_deep": (0.8820, None), "deepfm": (0.8920, None), "dcn": (0.8964, None), "autoint": (0.8948, None),
+         "lr": (None, None)}
+ORDER = ["lr", "two_tower", "dat", "cold", "inttower", "wide_deep", "deepfm", "dcn", "autoint"]
+
+
+def slug(text):
+    return "".join(c if c.isalnum() else "_" for c in text.lower()).strip("_")
+
+
+def tune(args, passthrough, out):
+    """Per variant, the learning rate of --tune_lr with the best validation AUC (first seed, --tune_protocol)."""
+    if not args.tune_lr:
+        return {}
+    rates = args.tune_lr.split(",")
+    seed = int(args.seeds.split(",")[0])
+    runs = []
+    for name, variant, model, protocol, _, extra in plan(args, protocols=[args.tune_protocol], seeds=[seed]):
+        for lr in rates:
+            runs.append((f"tune-{name}-lr{lr}", variant, model, protocol, seed, extra + ["--lr", lr]))
+    run_all(runs, passthrough, out, args.done)
+    best, lines = {}, ["# Learning-rate check", "", f"protocol `{args.tune_protocol}`, seed {seed}, validation AUC "
+                       "(the test split is not looked at)", "", "| model | " + " | ".join(f"lr {r}" for r in rates) +
+                       " | chosen |", "|---|" + "---|" * (len(rates) + 1)]
+    for variant in dict.fromkeys(r[1] for r in runs):
+        scores = {}
+        for name, v, *_ in runs:
+            if v == variant:
+                scores[name.rsplit("-lr", 1)[1]] = json.loads((out / "runs" / name / "metrics.json").read_text())["val_auc"]
+        best[variant] = max(scores, key=scores.get)
+        lines.append(f"| {variant} | " + " | ".join(f"{scores[r]:.4f}" for r in rates) + f" | {best[variant]} |")
+    (out / "tuning.md").write_text("\n".join(lines) + "\n")
+    say(f"learning rates chosen on validation AUC: {best}")
+    return best
+
+
+def plan(args, protocols=None, seeds=None):
+    """(name, variant, model, protocol, seed, train.py arguments) of every run asked for."""
+    models = ORDER if args.models == "all" else args.models.split(",")
+    unknown = set(models) - set(MODELS)
+    if unknown:
+        raise UserError(f"unknown model(s) {', '.join(sorted(unknown))}; choose from {', '.join(MODELS)}")
+    variants = [(m, m, {}) for m in models]
+    if args.ablations:
+        variants += [("inttower", name, changes) for name, changes in ABLATIONS.items()]
+    runs = []
+    for protocol in protocols or args.protocols.split(","):
+        data = getattr(args, f"{protocol}_data", None)
+        for model, variant, changes in variants:
+            for seed in seeds or [int(s) for s in args.seeds.split(",")]:
+                name = f"{slug(variant)}-{protocol}-seed{seed}"
+                extra = ["--model", model, "--protocol", protocol, "--seed", str(seed)]
+                extra += ["--data_path", data] if data else []
+                for key, value in changes.items():
+                    extra += [f"--{key}", value]
+                runs.append((name, variant, model, protocol, seed, extra))
+    return runs
+
+
+def run_all(runs, passthrough, out, done=None):
+    """Run what is not finished yet; `done` maps train.py arguments to a finished run with the same ones."""
+    import shutil
+    done = {} if done is None else done
+    for k, (name, variant, model, protocol, seed, extra) in enumerate(runs, 1):
+        run_dir = out / "runs" / name
+        if (run_dir / "metrics.json").exists():
+            done.setdefault(tuple(extra), run_dir)
+            continue
+        if run_dir.exists():  # an interrupted run: start it again
+            shutil.rmtree(run_dir)
+        if tuple(extra) in done:  # the same training already ran (a tuning run): reuse it
+            shutil.copytree(done[tuple(extra)], run_dir, ignore=shutil.ignore_patterns("export"))
+            (run_dir / "experiment.json").write_text(json.dumps({"variant": variant, "model": model}))
+            continue
+        say(f"[{k}/{len(runs)}] {variant}, {protocol}, seed {seed}")
+        cmd = [sys.executable, str(ROOT / "train.py"), *passthrough, *extra, "--run_dir", str(run_dir)]
+        started = time.time()
+        log = out / "logs" / f"{name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "w") as f:
+            code = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+        if code != 0:
+            raise UserError(f"run {name} failed (exit {code}); see {log}")
+        (run_dir / "experiment.json").write_text(json.dumps({"variant": variant, "model": model}))
+        done[tuple(extra)] = run_dir
+        say(f"    done in {time.time() - started:.0f} s")
+
+
+def scoring_latency(run_dir, n=10_000, repeats=50):
+    """Median ms to score n candidates for one user from the run's exported item index (tiled to n rows)."""
+    from infer import Scorer
+    export = run_dir / "export"
+    if not (export / "manifest.json").exists():
+        subprocess.check_call([sys.executable, str(ROOT / "export.py"), "--run_dir", str(run_dir)], cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    scorer = Scorer(export)
+    user = scorer.user_vector(int(scorer.users["key"][0]))[0]
+    catalogue = scorer.index[:-1]
+    scorer.index = np.resize(catalogue, (n + 1, *catalogue.shape[1:]))  # the catalogue repeated to n rows
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        scorer.scores(user, None)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000
+
+
+def collect(out):
+    rows = []
+    for metrics_file in sorted((out / "runs").glob("*/metrics.json")):
+        run_dir = metrics_file.parent
+        if run_dir.name.startswith("tune-"):
+            continue
+        m = json.loads(metrics_file.read_text())
+        cfg = json.loads((run_dir / "config.json").read_text())
+        info = run_dir / "experiment.json"
+        variant = json.loads(info.read_text())["variant"] if info.exists() else cfg["model"]
+        rows.append({"run": run_dir.name, "variant": variant, "model": cfg["model"], "protocol": m["protocol"],
+                     "dataset": m["dataset"], "seed": m["seed"], "test_auc": m["test"]["auc"],
+                     "test_logloss": m["test"]["logloss"], "test_gauc": m["test"]["gauc"], "val_auc": m["val_auc"],
+                     "best_epoch": m["best_epoch"], "parameters": m["parameters"],
+                     "train_seconds": m["train_seconds"], "decoupled": m.get("decoupled", False),
+                     "rows_test": m["test"]["rows"]})
+    return rows
+
+
+def mean_std(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def report(out, latency=True):
+    rows = collect(out)
+    if not rows:
+        raise UserError(f"no finished runs in {out / 'runs'}")
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    latencies = {}
+    for protocol in sorted({r["protocol"] for r in rows}):
+        dataset = next(r["dataset"] for r in rows if r["protocol"] == protocol)
+        lines = [f"# Results: {dataset}, protocol `{protocol}`", ""]
+        if protocol == "paper":
+            lines += ["The `paper` protocol computes the mean-rating features of every split from that split's own "
+                      "labels (the published code's leak): its numbers are optimistic.", ""]
+        lines += ["| model | seeds | test AUC | test logloss | GAUC | paper AUC | parameters | train s | "
+                  "ms / 10k candidates |", "|---|---|---|---|---|---|---|---|---|"]
+        groups = {}
+        for r in rows:
+            if r["protocol"] == protocol:
+                groups.setdefault(r["variant"], []).append(r)
+        order = ORDER + list(ABLATIONS)
+        for variant in sorted(groups, key=lambda v: order.index(v) if v in order else 99):
+            g = groups[variant]
+            lat = "-"
+            if latency and g[0]["decoupled"]:
+                key = (variant, protocol)
+                latencies[key] = scoring_latency(out / "runs" / g[0]["run"])
+                lat = f"{latencies[key]:.2f}"
+            paper_auc = PAPER.get(variant, (None,))[0] if protocol == "paper" else None
+            lines.append(f"| {variant} | {len(g)} | {mean_std([r['test_auc'] for r in g])} | "
+                         f"{mean_std([r['test_logloss'] for r in g])} | {mean_std([r['test_gauc'] for r in g])} | "
+                         f"{paper_auc if paper_auc else '-'} | {g[0]['parameters']:,} | "
+                         f"{statistics.mean(r['train_seconds'] for r in g):.0f} | {lat} |")
+        (out / f"{protocol}.md").write_text("\n".join(lines) + "\n")
+        say(f"written {out / f'{protocol}.md'}")
+    plot_ablation(rows, out)
+
+
+def plot_ablation(rows, out):
+    variants = ["inttower"] + list(ABLATIONS)
+    protocols = sorted({r["protocol"] for r in rows if r["variant"] in ABLATIONS})
+    if not protocols:
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(protocols), figsize=(5.5 * len(protocols), 4), squeeze=False)
+    for ax, protocol in zip(axes[0], protocols):
+        values = [[r["test_auc"] for r in rows if r["variant"] == v and r["protocol"] == protocol] for v in variants]
+        keep = [i for i, v in enumerate(values) if v]
+        means = [statistics.mean(values[i]) for i in keep]
+        errors = [statistics.stdev(values[i]) if len(values[i]) > 1 else 0 for i in keep]
+        labels = ["IntTower" if variants[i] == "inttower" else variants[i] for i in keep]
+        ax.bar(range(len(keep)), means, yerr=errors, capsize=3,
+               color=["#c0392b"] + ["#7f8c8d"] * (len(keep) - 1))
+        ax.set_xticks(range(len(keep)), labels, rotation=30, ha="right", fontsize=8)
+        low = min(m - e for m, e in zip(means, errors))
+        ax.set_ylim(low - 0.01, max(m + e for m, e in zip(means, errors)) + 0.005)
+        ax.set_ylabel("test AUC (mean ± std over seeds)")
+        ax.set_title(f"IntTower ablation, ML-1M, protocol {protocol}")
+    fig.tight_layout()
+    fig.savefig(out / "ablation.png", dpi=120)
+    say(f"written {out / 'ablation.png'}")
+
+
+def main():
+    own = argparse.ArgumentParser(add_help=False)
+    own.add_argument("--models", default="inttower,two_tower")
+    own.add_argument("--ablations", action="store_true")
+    own.add_argument("--seeds", default="1,2,3")
+    own.add_argument("--protocols", default="paper,temporal")
+    own.add_argument("--paper_data")
+    own.add_argument("--random_data")
+    own.add_argument("--temporal_data")
+    own.add_argument("--results", default="results")
+    own.add_argument("--report", action="store_true", help="only rebuild the tables")
+    own.add_argument("--no_latency", action="store_true")
+    own.add_argument("--tune_lr", default="", help="learning rates to try per model, e.g. 0.0005,0.002")
+    own.add_argument("--tune_protocol", default="temporal")
+    args, rest = own.parse_known_args()
+    if "--help" in rest or "-h" in rest:
+        print(__doc__)
+        return
+    parse_args(rest, prog="run_experiments.py")  # reject unknown or ill-typed train.py options early
+    out = Path(args.results)
+    if not args.report:
+        args.done = {}
+        rates = tune(args, rest, out)
+        runs = [(name, variant, model, protocol, seed, extra + (["--lr", rates[variant]] if variant in rates else []))
+                for name, variant, model, protocol, seed, extra in plan(args)]
+        run_all(runs, rest, out, args.done)
+    report(out, latency=not args.no_latency)
+
+
+if __name__ == "__main__":
+    run_cli(main)
