@@ -2,6 +2,7 @@
 
     python benchmark.py train [--key value ...]   # our train step vs the published loop, same model & data
     python benchmark.py data  [--key value ...]   # preprocessing time; npz vs MindRecord loading
+    python benchmark.py serve --run_dir RUN       # scoring N candidates: index MaxSim vs dot vs full model
 
 Config keys (--data_path, --protocol, --model...) are those of train.py; the benchmark's own are
 --repeats and --steps. Without --data_path the genuine ML-1M files of ../shared/data/ml-1m are
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from model_config import parse_args
-from util import ROOT, run_cli, say
+from util import ROOT, UserError, run_cli, say
 
 SHARED_ML1M = ROOT.parent / "shared" / "data" / "ml-1m" / "ratings-all-users-no-timestamp.dat.gz"
 
@@ -193,15 +194,79 @@ def bench_data(cfg, repeats):
             "machine": machine()}
 
 
+def bench_serve(cfg, repeats, sizes=(1_000, 10_000, 100_000)):
+    """Median latency of scoring N candidates for one user, side by side in one process:
+    (a) the user tower (one call) + MaxSim over the precomputed item index (float32, contiguous),
+    (b) the plain two-tower dot product over N vectors of the same tower width (the decoupled lower bound),
+    (c) the exported full model on N (user, item) pairs (what serving the published export implies).
+    The index is the catalogue repeated to N rows: timing depends on shapes, not on values."""
+    import mindspore as ms
+    from mindspore import nn
+    from infer import Scorer, maxsim
+    if not cfg.run_dir:
+        raise UserError("benchmark.py serve needs --run_dir RUN (a trained IntTower run)")
+    export = Path(cfg.run_dir) / "export"
+    if not (export / "manifest.json").exists():
+        from export import export_run
+        export_run(cfg.replace(run_dir=cfg.run_dir), {"run_dir"})
+    scorer = Scorer(export)
+    full = nn.GraphCell(ms.load(str(export / "model.mindir")))
+    items = np.load(Path(cfg.run_dir) / "export" / "item_index.npy")[:-1]
+    user_id = int(scorer.users["key"][0])
+    user, _ = scorer.user_vector(user_id)
+    dot_dim = json.loads((Path(cfg.run_dir) / "config.json").read_text())["mlp"][-1]
+    import get_dataset
+    from eval import load_run
+    _, _, run_cfg, meta = load_run(cfg.replace(run_dir=cfg.run_dir), {"run_dir"})
+    catalog = get_dataset.load_dataset(run_cfg, quiet=True).catalog("items")
+    user_inputs, _ = scorer.user_inputs(user_id)
+
+    def median_ms(fn, n_repeats):
+        fn()
+        times = []
+        for _ in range(n_repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times) * 1000
+
+    rows = []
+    for n in sizes:
+        index = np.resize(items, (n, *items.shape[1:]))  # contiguous float32 (n, H, p)
+        index16 = index.astype(np.float16)
+        dot_index = np.random.default_rng(0).normal(size=(n, dot_dim)).astype(np.float32)
+        dot_user = np.random.default_rng(1).normal(size=dot_dim).astype(np.float32)
+        rows_idx = np.resize(np.arange(len(items)), n)
+        pair_inputs = [ms.Tensor(np.repeat(user_inputs[k], n, 0)) for k in meta["inputs"][:2]] + \
+                      [ms.Tensor(catalog[k][rows_idx]) for k in meta["inputs"][2:]]
+        r = max(5, repeats * 10 if n <= 10_000 else repeats * 2)
+        row = {"candidates": n,
+               "maxsim_ms": median_ms(lambda: maxsim(user, index), r),
+               "maxsim_fp16_index_ms": median_ms(lambda: maxsim(user, index16.astype(np.float32)), r),
+               "user_tower_plus_maxsim_ms": median_ms(lambda: maxsim(scorer.user_vector(user_id)[0], index), r),
+               "two_tower_dot_ms": median_ms(lambda: dot_index @ dot_user, r),
+               "full_model_ms": median_ms(lambda: full(*pair_inputs).asnumpy(), max(3, repeats))}
+        row["maxsim_over_dot"] = round(row["maxsim_ms"] / row["two_tower_dot_ms"], 1)
+        row["full_over_maxsim"] = round(row["full_model_ms"] / row["maxsim_ms"], 1)
+        rows.append({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})
+        say(json.dumps(rows[-1]))
+    return {"what": "serve", "run_dir": cfg.run_dir, "user_shape": list(user.shape), "item_shape": list(items.shape[1:]),
+            "bytes_per_item_float32": int(items[0].nbytes), "bytes_per_item_float16": int(items[0].nbytes // 2),
+            "bytes_per_item_two_tower": dot_dim * 4, "rows": rows, "machine": machine()}
+
+
 def main():
     own = argparse.ArgumentParser(add_help=False)
-    own.add_argument("what", choices=["train", "data"])
+    own.add_argument("what", choices=["train", "data", "serve"])
     own.add_argument("--repeats", type=int, default=5)
     own.add_argument("--steps", type=int, default=30)
     args, rest = own.parse_known_args()
     cfg, overrides = parse_args(rest, prog=f"benchmark.py {args.what}", description=__doc__.split("\n\n")[0])
-    cfg = default_data(cfg, overrides)
-    result = bench_train(cfg, args.repeats, args.steps) if args.what == "train" else bench_data(cfg, args.repeats)
+    if args.what == "serve":
+        result = bench_serve(cfg, args.repeats)
+    else:
+        cfg = default_data(cfg, overrides)
+        result = bench_train(cfg, args.repeats, args.steps) if args.what == "train" else bench_data(cfg, args.repeats)
     print(json.dumps(result, indent=1))
 
 

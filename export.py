@@ -7,7 +7,8 @@ Files written (see README, "Export"):
   model.mindir        all input arrays -> click probability (B,)        (what the published export gives)
   user_tower.mindir   user arrays -> the user's representation (B, L, H, p) for FE (B, d for dot)
   item_tower.mindir   item arrays -> the item's representation (B, H, p) for FE (B, d for dot)
-  *.onnx              the same, where MindSpore's ONNX export supports the cells (see manifest)
+  *.onnx              the same as ONNX, with a fixed batch (model 256, user tower 1, item tower 256):
+                      MindSpore's ONNX exporter does not support dynamic shapes
   item_index.npy      float32 (N + 1, H, p): every movie of the catalogue, then the out-of-vocabulary item
   item_ids.npy        int64 (N,): the MovieLens id of each index row; titles.json: their titles
   users.npz, vocab.npz  the user feature table and vocabularies, to build a user's inputs
@@ -28,6 +29,7 @@ from model_config import parse_args
 from util import UserError, md5_bytes, md5_file, run_cli, say, write_json
 
 EXPORT_KEYS = {"last_layer_only", "output_dir"}
+ONNX_BATCH = {"model": 256, "user_tower": 1, "item_tower": 256}  # ONNX graphs have a fixed batch
 
 
 def tower_cells(model):
@@ -113,13 +115,15 @@ def export_run(cfg, overrides=frozenset()):
     try:
         formats = {}
         for name, inputs in (("model", names), ("user_tower", names[:n_user]), ("item_tower", names[n_user:])):
-            placeholders = example_inputs(inputs, arrays)
-            ms.export(cells[name], *placeholders, file_name=str(tmp / name), file_format="MINDIR")
+            ms.export(cells[name], *example_inputs(inputs, arrays), file_name=str(tmp / name), file_format="MINDIR")
             formats[name] = ["MINDIR"]
+            # MindSpore's ONNX exporter needs static shapes: a fixed batch per graph (see the manifest)
+            batch = ONNX_BATCH[name]
+            fixed = [ms.Tensor(np.resize(arrays[k], (batch, *arrays[k].shape[1:]))) for k in inputs]
             try:
-                ms.export(cells[name], *placeholders, file_name=str(tmp / name), file_format="ONNX")
+                ms.onnx.export(cells[name], *fixed, file_name=str(tmp / f"{name}.onnx"))
                 formats[name].append("ONNX")
-            except Exception as e:  # MindSpore's ONNX exporter lacks some operators
+            except Exception as e:  # an operator the exporter does not know
                 formats[name + "_onnx_error"] = str(e).strip().splitlines()[0][:200]
                 (tmp / f"{name}.onnx").unlink(missing_ok=True)
         np.save(tmp / "item_index.npy", index)
@@ -137,7 +141,7 @@ def export_run(cfg, overrides=frozenset()):
             "user_shape": user_shape,
             "item_shape": list(index.shape[1:]), "items": int(len(items["key"])), "oov_row": int(len(items["key"])),
             "dataset": meta["dataset"], "protocol": meta["protocol"], "towers": meta["towers"], "inputs": names,
-            "user_inputs": names[:n_user], "item_inputs": names[n_user:], "formats": formats,
+            "user_inputs": names[:n_user], "item_inputs": names[n_user:], "formats": formats, "onnx_batch": ONNX_BATCH,
             "vocab_md5": md5_bytes((tmp / "vocab.npz").read_bytes()),
             "files": {p.name: md5_file(p) for p in sorted(tmp.iterdir())},
         }

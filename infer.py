@@ -23,10 +23,14 @@ from util import UserError, md5_file, read_json, run_cli
 
 def maxsim(user, items):
     """FE-Block score of one user (L, H, p) against items (N, H, p) -> (N,): sum over the user's L*H
-    heads of the max over each item's H heads of the dot product. One BLAS call."""
+    heads of the max over each item's H heads of the dot product. One BLAS call for the dot products,
+    then a running maximum over the item heads (faster than numpy's max over a short middle axis)."""
     n, heads, dim = items.shape
-    dots = items.reshape(n * heads, dim) @ user.reshape(-1, dim).T      # (N*H, L*H)
-    return dots.reshape(n, heads, -1).max(axis=1).sum(axis=1)
+    dots = (items.reshape(n * heads, dim) @ user.reshape(-1, dim).T).reshape(n, heads, -1)   # (N, H, L*H)
+    best = dots[:, 0].copy()
+    for k in range(1, heads):
+        np.maximum(best, dots[:, k], out=best)
+    return best.sum(axis=1)
 
 
 class Scorer:

@@ -78,9 +78,10 @@ class BatchNorm(nn.Cell):
                        + (1 - self.momentum) * ops.stop_gradient(mean))
             ops.assign(self.moving_variance, self.momentum * self.moving_variance
                        + (1 - self.momentum) * ops.stop_gradient(var) * (n / max(n - 1, 1)))
-        else:
-            mean, var = self.moving_mean, self.moving_variance
-        scale = self.gamma * ops.rsqrt(var + self.eps)
+            scale = self.gamma * ops.rsqrt(var + self.eps)
+        else:  # sqrt and division: ops MindSpore's ONNX exporter knows (it lacks Rsqrt)
+            mean = self.moving_mean
+            scale = self.gamma / ops.sqrt(self.moving_variance + self.eps)
         return x * scale + (self.beta - mean * scale)
 
 

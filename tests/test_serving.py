@@ -149,3 +149,24 @@ def test_coupled_model_not_exportable(tmp_path, run):
     (other / "config.json").write_text(json.dumps({**config, "interaction": "fc"}))
     with pytest.raises(UserError, match="couples user and item"):
         export_run(Config(run_dir=str(other)), {"run_dir"})
+
+
+def test_onnx_graphs_match_mindspore(run):
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
+    import mindspore as ms
+    cfg, run_dir = run
+    model, meta, data = model_and_data(cfg, run_dir)
+    manifest = json.loads((run_dir / "export" / "manifest.json").read_text())
+    assert all("ONNX" in manifest["formats"][g] for g in ("model", "user_tower", "item_tower")), manifest["formats"]
+    test = data.split("test")
+    batch = manifest["onnx_batch"]["model"]
+    arrays = {k: np.resize(test[k], (batch, *test[k].shape[1:])) for k in meta["inputs"]}
+    session = ort.InferenceSession(str(run_dir / "export" / "model.onnx"))
+    feed = {i.name: arrays[k] for i, k in zip(session.get_inputs(), meta["inputs"])}
+    expected = 1 / (1 + np.exp(-model(*[ms.Tensor(arrays[k]) for k in meta["inputs"]]).asnumpy()))
+    np.testing.assert_allclose(session.run(None, feed)[0], expected, atol=1e-5)
+    users = data.catalog("users")
+    session = ort.InferenceSession(str(run_dir / "export" / "user_tower.onnx"))
+    feed = {i.name: users[k][:1] for i, k in zip(session.get_inputs(), meta["inputs"][:2])}
+    np.testing.assert_allclose(session.run(None, feed)[0][0], Scorer(run_dir / "export").user_vector(
+        int(users["key"][0]))[0], atol=1e-5)
