@@ -75,8 +75,6 @@ class Config:
     weight_decay: float = _opt(0.0, "Adam weight decay")
     patience: int = _opt(2, "stop after this many epochs without a better validation AUC")
     seed: int = _opt(2022, "seed of the split, the initialisation and the data order")
-    deterministic: bool = _opt(False, "draw dropout masks from a seeded stream so that runs and resumed "
-                                      "runs are bit-identical (slower)")
     device_target: str = _opt("CPU", "where MindSpore runs", DEVICES)
     output_dir: str = _opt("runs", "parent folder of new run directories")
     run_dir: str = _opt("", "the run directory (train: empty means <output_dir>/<time>-<model>; eval/export: "
