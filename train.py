@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import resource
 import time
 from pathlib import Path
 
@@ -348,6 +349,7 @@ def train(cfg, overrides=frozenset()):
         "seconds": round(state["seconds"], 2),
         "samples_per_second": float(np.median([h["samples_per_second"] for h in history])),
         "world_size": world.size,
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
     }
     write_json(run_dir / "metrics.json", metrics)
     say(f"test ({'generated sample, SYNTHETIC' if meta['synthetic'] else meta['dataset']}, {meta['protocol']}"
