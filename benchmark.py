@@ -66,26 +66,30 @@ def bench_train(cfg, repeats, steps):
     n = len(arrays["label"])
     bs = cfg.batch_size
 
-    # (a) ours
-    model = build_model(data.meta, cfg)
-    step = nn.TrainOneStepCell(LossCell(model), nn.Adam(model.trainable_params(), learning_rate=cfg.lr))
-    step.set_train(True)
-    feed = {"it": None}
+    def endless_batches():
+        epoch = 0
+        while True:
+            yield from train.batches(arrays, names + ["label"], bs, train.epoch_order(cfg.seed, epoch, n))
+            epoch += 1
 
-    def ours(k):
-        for _ in range(k):
-            batch = next(feed["it"], None) if feed["it"] else None
-            if batch is None:
-                feed["it"] = train.batches(arrays, names + ["label"], bs, train.epoch_order(cfg.seed, 0, n))
-                batch = next(feed["it"])
-            loss = step(*batch)
-        loss.asnumpy()
+    def loop(step_fn, net):
+        feed = endless_batches()
+
+        def run(k):
+            net.set_train(True)
+            for _ in range(k):
+                loss = step_fn(*next(feed))
+            loss.asnumpy()
+        return run
+
+    # (a) ours: TrainOneStepCell in GRAPH_MODE
+    model = build_model(data.meta, cfg)
+    ours = loop(nn.TrainOneStepCell(LossCell(model), nn.Adam(model.trainable_params(), learning_rate=cfg.lr)), model)
 
     # (c) the functional alternative: value_and_grad + optimizer under ms.jit (GRAPH_MODE)
     fn_model = build_model(data.meta, cfg)
     fn_opt = nn.Adam(fn_model.trainable_params(), learning_rate=cfg.lr)
-    fn_loss = LossCell(fn_model)
-    fn_grad = ms.value_and_grad(fn_loss, None, fn_opt.parameters)
+    fn_grad = ms.value_and_grad(LossCell(fn_model), None, fn_opt.parameters)
 
     @ms.jit
     def fn_step(*batch):
@@ -93,17 +97,7 @@ def bench_train(cfg, repeats, steps):
         fn_opt(grads)
         return loss
 
-    fn_feed = {"it": None}
-
-    def functional(k):
-        fn_model.set_train(True)
-        for _ in range(k):
-            batch = next(fn_feed["it"], None) if fn_feed["it"] else None
-            if batch is None:
-                fn_feed["it"] = train.batches(arrays, names + ["label"], bs, train.epoch_order(cfg.seed, 0, n))
-                batch = next(fn_feed["it"])
-            loss = fn_step(*batch)
-        loss.asnumpy()
+    functional = loop(fn_step, fn_model)
 
     # (b) the published loop: one float row per sample (pandas), columns sliced and cast in the model call
     widths = [arrays[k].reshape(n, -1).shape[1] for k in names]

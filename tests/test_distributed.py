@@ -15,7 +15,7 @@ from model_config import parse_args
 
 pytestmark = pytest.mark.distributed
 ARGS = ["--dataset", "synthetic", "--synthetic_users", "1000", "--synthetic_items", "150", "--synthetic_ratings", "40",
-        "--mlp", "64,32", "--heads", "2", "--head_dim", "16", "--embed_dim", "16", "--epochs", "4", "--lr", "0.005",
+        "--mlp", "64,32", "--heads", "2", "--head_dim", "16", "--embed_dim", "16", "--epochs", "4", "--lr", "0.002",
         "--dropout", "0", "--patience", "0"]
 
 
@@ -56,11 +56,12 @@ def test_two_ranks_identical_parameters_and_single_process_auc(tmp_path):
     assert [r["val_auc"] for r in r0] == [r["val_auc"] for r in r1]
     metrics = json.loads((dist / "metrics.json").read_text())
     assert metrics["world_size"] == 2
-    # the same global batch (2 x 128) in one process
+    # the same global batch (2 x 128) in one process: the AUC falls within the seed-to-seed spread
     cfg, _ = parse_args(ARGS)
-    single = train.train(cfg.replace(batch_size=256, data_dir=data_dir, run_dir=str(tmp_path / "single")))
-    # seed-to-seed spread of this setup: about 0.007 (README, "Distributed training")
-    assert abs(metrics["test"]["auc"] - single["test"]["auc"]) < 0.015, (metrics["test"], single["test"])
+    single = [train.train(cfg.replace(batch_size=256, data_dir=data_dir, seed=seed,
+                                      run_dir=str(tmp_path / f"single{seed}")))["test"]["auc"]
+              for seed in (cfg.seed, cfg.seed + 1, cfg.seed + 2)]
+    assert min(single) - 0.01 <= metrics["test"]["auc"] <= max(single) + 0.01, (metrics["test"]["auc"], single)
 
 
 def test_a_dying_rank_fails_the_job_visibly(tmp_path):
