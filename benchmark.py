@@ -3,6 +3,7 @@
     python benchmark.py train [--key value ...]   # our train step vs the published loop, same model & data
     python benchmark.py data  [--key value ...]   # preprocessing time; npz vs MindRecord loading
     python benchmark.py serve --run_dir RUN       # scoring N candidates: index MaxSim vs dot vs full model
+    python benchmark.py profile [--key value ...] # MindSpore profiler: time per operator type of a train step
 
 Config keys (--data_path, --protocol, --model...) are those of train.py; the benchmark's own are
 --repeats and --steps. Without --data_path the genuine ML-1M files of ../shared/data/ml-1m are
@@ -217,6 +218,63 @@ def bench_data(cfg, repeats):
             "machine": machine()}
 
 
+def step_flops(model, cfg):
+    """Multiply-adds x 2 of one training step (forward + backward ~ 3x forward) in the dense layers,
+    the FE-Block MaxSim and the CIR similarities: the arithmetic floor of the step."""
+    from mindspore import nn
+    bs = cfg.batch_size
+    forward = sum(2 * bs * c.in_channels * c.out_channels for _, c in model.cells_and_names() if isinstance(c, nn.Dense))
+    if getattr(model, "scoring", None) == "maxsim":
+        forward += 2 * bs * len(model.fe.user_layers) * cfg.heads * cfg.heads * cfg.head_dim
+    if getattr(model, "has_aux", False) and hasattr(model, "cir"):
+        anchors = min(cfg.cir_anchors or bs, bs)
+        forward += 2 * anchors * bs * cfg.mlp[-1]
+    return 3 * forward
+
+
+def bench_profile(cfg, steps):
+    """Run `steps` train steps under MindSpore's profiler; milliseconds per step of each operator type."""
+    import csv
+    import shutil
+    import tempfile
+    import mindspore as ms
+    from mindspore import nn
+    import train
+    from get_dataset import load_dataset
+    from model import LossCell, build_model
+    train.init_mindspore(cfg)
+    data = load_dataset(cfg)
+    arrays, names = data.split("train"), data.meta["inputs"]
+    model = build_model(data.meta, cfg)
+    step = nn.TrainOneStepCell(LossCell(model), nn.Adam(model.trainable_params(), learning_rate=cfg.lr))
+    step.set_train(True)
+    order = train.epoch_order(cfg.seed, 0, len(arrays["label"]))
+    feed = train.batches(arrays, names + ["label"], cfg.batch_size, order)
+    step(*next(feed)).asnumpy()  # compile outside the profile
+    out = Path(tempfile.mkdtemp())
+    try:
+        profiler = ms.Profiler(output_path=str(out))
+        start = time.perf_counter()
+        for _ in range(steps):
+            loss = step(*next(feed))
+        loss.asnumpy()
+        wall = (time.perf_counter() - start) / steps * 1000
+        profiler.stop()
+        profiler.analyse()
+        table = next(out.rglob("cpu_op_type_info_0.csv"))
+        ops_ms = {row["op_type"]: float(row["total_compute_time"]) / steps for row in csv.DictReader(open(table))}
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    top = dict(sorted(ops_ms.items(), key=lambda kv: -kv[1])[:15])
+    flops = step_flops(model, cfg)
+    return {"what": "profile", "model": cfg.model, "batch_size": cfg.batch_size, "steps": steps,
+            "wall_ms_per_step_profiled": round(wall, 1), "kernel_ms_per_step": round(sum(ops_ms.values()), 1),
+            "top_operators_ms_per_step": {k: round(v, 2) for k, v in top.items()},
+            "gflop_per_step": round(flops / 1e9, 2),
+            "matmul_gflops_per_s": round(flops / 1e9 / ((ops_ms.get("MatMul", 0) + ops_ms.get("BatchMatMul", 0)) / 1000), 1)
+            if ops_ms.get("MatMul") else None, "machine": machine()}
+
+
 def bench_serve(cfg, repeats, sizes=(1_000, 10_000, 100_000)):
     """Median latency of scoring N candidates for one user, side by side in one process:
     (a) the user tower (one call) + MaxSim over the precomputed item index (float32, contiguous),
@@ -280,7 +338,7 @@ def bench_serve(cfg, repeats, sizes=(1_000, 10_000, 100_000)):
 
 def main():
     own = argparse.ArgumentParser(add_help=False)
-    own.add_argument("what", choices=["train", "data", "serve"])
+    own.add_argument("what", choices=["train", "data", "serve", "profile"])
     own.add_argument("--repeats", type=int, default=5)
     own.add_argument("--steps", type=int, default=30)
     args, rest = own.parse_known_args()
@@ -289,7 +347,8 @@ def main():
         result = bench_serve(cfg, args.repeats)
     else:
         cfg = default_data(cfg, overrides)
-        result = bench_train(cfg, args.repeats, args.steps) if args.what == "train" else bench_data(cfg, args.repeats)
+        result = {"train": lambda: bench_train(cfg, args.repeats, args.steps), "data": lambda: bench_data(cfg, args.repeats),
+                  "profile": lambda: bench_profile(cfg, args.steps)}[args.what]()
     print(json.dumps(result, indent=1))
 
 
