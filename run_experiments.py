@@ -35,6 +35,7 @@ ABLATIONS = {  # the paper's Figure 6(a): IntTower with one module removed or re
     "w/o FE-Block": {"interaction": "dot"},
     "FE-Block -> FC": {"interaction": "fc"},
     "w/o CIR": {"cir_weight": "0"},
+    "CIR over all rows": {"cir_anchors": "0"},  # not in the paper: our 512-anchor CIR against the full matrix
 }
 PAPER = {"inttower": (0.8974, 0.3128), "two_tower": (0.8697, 0.4559), "dat": (0.8712, None), "cold": (0.8836, None),
          "wide_deep": (0.8820, None), "deepfm": (0.8920, None), "dcn": (0.8964, None), "autoint": (0.8948, None),
