@@ -21,16 +21,32 @@ import numpy as np
 from util import UserError, md5_file, read_json, run_cli
 
 
-def maxsim(user, items):
-    """FE-Block score of one user (L, H, p) against items (N, H, p) -> (N,): sum over the user's L*H
-    heads of the max over each item's H heads of the dot product. One BLAS call for the dot products,
-    then a running maximum over the item heads (faster than numpy's max over a short middle axis)."""
-    n, heads, dim = items.shape
-    dots = (items.reshape(n * heads, dim) @ user.reshape(-1, dim).T).reshape(n, heads, -1)   # (N, H, L*H)
-    best = dots[:, 0].copy()
-    for k in range(1, heads):
-        np.maximum(best, dots[:, k], out=best)
-    return best.sum(axis=1)
+def head_major(items):
+    """(N, H, p) item-major vectors -> the contiguous (H, N, p) layout maxsim() reads."""
+    return np.ascontiguousarray(np.asarray(items, np.float32).transpose(1, 0, 2))
+
+
+def maxsim_buffers(user, items_by_head):
+    heads, n, dim = items_by_head.shape
+    return np.empty((heads * n, user.size // dim), np.float32), np.empty((n, user.size // dim), np.float32)
+
+
+def maxsim(user, items_by_head, out=None):
+    """FE-Block score of one user (L, H, p) against N items stored head-major, (H, N, p) -> (N,): the sum
+    over the user's L*H heads of the max over each item's H heads of the dot product.
+
+    One BLAS call for all dot products ((H*N, p) x (p, L*H)); head-major storage makes the max over
+    item heads a running maximum of contiguous (N, L*H) slabs, and the sum a matrix-vector product.
+    `out` may hold preallocated buffers (dots (H*N, L*H), best (N, L*H)) for repeated calls."""
+    heads, n, dim = items_by_head.shape
+    dots, best = out if out is not None else maxsim_buffers(user, items_by_head)
+    user = user.reshape(-1, dim)
+    np.matmul(items_by_head.reshape(heads * n, dim), user.T, out=dots)
+    dots = dots.reshape(heads, n, -1)
+    np.maximum(dots[0], dots[1 % heads], out=best)
+    for k in range(2, heads):
+        np.maximum(best, dots[k], out=best)
+    return best @ np.ones(len(user), np.float32)
 
 
 class Scorer:
@@ -54,6 +70,9 @@ class Scorer:
             raise UserError(f"item index {self.index.shape} does not match the manifest "
                             f"({m['items']} + 1 items of {m['item_shape']})")
         self.index = np.ascontiguousarray(self.index, np.float32)
+        self.fe = m["scoring"] == "maxsim"
+        self.by_head = head_major(self.index) if self.fe else None  # the scoring layout, see maxsim()
+        self._buffers = None
         self.item_ids = np.load(self.dir / "item_ids.npy")
         self.titles = json.loads((self.dir / "titles.json").read_text())
         users = np.load(self.dir / "users.npz")
@@ -63,7 +82,6 @@ class Scorer:
         ms.set_context(mode=ms.GRAPH_MODE)
         self.user_tower = nn.GraphCell(ms.load(str(self.dir / "user_tower.mindir")))
         self.bias = m["score_bias"]
-        self.fe = m["scoring"] == "maxsim"
         self.prior = m["prior"]  # the training positive rate: dense features of users without history
 
     # ---- inputs
@@ -101,10 +119,14 @@ class Scorer:
         return np.where(rows < 0, self.manifest["oov_row"], rows)
 
     def scores(self, user, rows=None):
-        """Logits of the user against index rows (None: the whole catalogue, without copying it)."""
-        items = self.index[:-1] if rows is None else self.index[rows]
-        raw = maxsim(user, items) if self.fe else items @ user
-        return raw + self.bias
+        """Logits of the user against index rows (None: the whole catalogue, scored in place)."""
+        if not self.fe:
+            return (self.index[:-1] if rows is None else self.index[rows]) @ user + self.bias
+        if rows is not None:
+            return maxsim(user, self.by_head[:, rows]) + self.bias
+        if self._buffers is None:  # whole-catalogue requests reuse their buffers
+            self._buffers = maxsim_buffers(user, self.by_head)
+        return maxsim(user, self.by_head, self._buffers)[:-1] + self.bias  # the last row is the OOV item
 
     def recommend(self, user_id, candidates=None, top_k=10, features=None):
         started = time.perf_counter()

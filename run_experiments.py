@@ -127,7 +127,7 @@ def run_all(runs, passthrough, out, done=None):
 
 def scoring_latency(run_dir, n=10_000, repeats=50):
     """Median ms to score n candidates for one user from the run's exported item index (tiled to n rows)."""
-    from infer import Scorer
+    from infer import Scorer, head_major, maxsim, maxsim_buffers
     export = run_dir / "export"
     if not (export / "manifest.json").exists():
         subprocess.check_call([sys.executable, str(ROOT / "export.py"), "--run_dir", str(run_dir)], cwd=ROOT,
@@ -135,11 +135,17 @@ def scoring_latency(run_dir, n=10_000, repeats=50):
     scorer = Scorer(export)
     user = scorer.user_vector(int(scorer.users["key"][0]))[0]
     catalogue = scorer.index[:-1]
-    scorer.index = np.resize(catalogue, (n + 1, *catalogue.shape[1:]))  # the catalogue repeated to n rows
+    tiled = np.resize(catalogue, (n, *catalogue.shape[1:]))  # the catalogue repeated to n rows
+    if scorer.fe:
+        index = head_major(tiled)
+        buffers = maxsim_buffers(user, index)
+        score = lambda: maxsim(user, index, buffers)  # noqa: E731
+    else:
+        score = lambda: tiled @ user  # noqa: E731
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        scorer.scores(user, None)
+        score()
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1000
 
