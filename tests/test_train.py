@@ -246,3 +246,19 @@ def test_same_options_in_every_command():
         for key in ("--dataset", "--data_path", "--protocol", "--model", "--epochs", "--batch_size", "--lr",
                     "--seed", "--patience", "--device_target", "--output_dir", "--run_dir"):
             assert key in out.stdout, (script, key)
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_real_ml1m_the_paper_protocol_leak(tmp_path):
+    """Same split, same model, 2 epochs: the published protocol's features (label means of each split)
+    inflate the test AUC well beyond the leak-free protocol's."""
+    from conftest import real_file
+    path = real_file("ratings-all-users-no-timestamp.dat.gz")
+    results = {}
+    for protocol in ("paper", "random"):
+        cfg = Config(data_path=str(path), protocol=protocol, data_dir=str(tmp_path / "data"), epochs=2, patience=0,
+                     run_dir=str(tmp_path / protocol))
+        results[protocol] = train.train(cfg)["test"]["auc"]
+    assert results["paper"] > 0.88 and results["random"] > 0.78
+    assert results["paper"] - results["random"] > 0.03, results
