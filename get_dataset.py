@@ -42,6 +42,10 @@ ARCHIVES = {  # name: (url, md5 published by GroupLens beside the archive)
     "ml-100k": ("https://files.grouplens.org/datasets/movielens/ml-100k.zip",
                 "0e33842e24a9c977be4e0107933c0723"),
 }
+SOURCES = {  # the files of each format, in order: ratings (or the file --data_path names), users, movies
+    "ml-1m": (("ratings.dat", "ratings.dat.gz"), ("users.dat", "users.dat.gz"), ("movies.dat", "movies.dat.gz")),
+    "ml-100k": (("u.data", "u.data.gz"), ("u.user",), ("u.item",)),
+}
 ML100K_GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
                  "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi",
                  "Thriller", "War", "Western")
@@ -100,15 +104,16 @@ class Files:
             return next((members[n] for n in names if n in members), None)
         return next((self.path / n for n in names if (self.path / n).is_file()), None)
 
-    def read(self, *names, role=None):
-        """(display name, decompressed bytes) of the first of `names` present."""
-        if role == "ratings" and self.explicit is not None:
-            found = self.explicit
-        else:
-            found = self._find(names)
+    def locate(self, names, ratings=False):
+        """The first of `names` present (the file given by --data_path for the ratings), else an error."""
+        found = self.explicit if ratings and self.explicit is not None else self._find(names)
         if found is None:
-            where = f"in {self.path}" + (" (zip)" if self.zip else "")
-            raise UserError(f"{' or '.join(names)} not found {where}")
+            raise UserError(f"{' or '.join(names)} not found in {self.path}" + (" (zip)" if self.zip else ""))
+        return found
+
+    def read(self, names, ratings=False):
+        """(display name, decompressed bytes) of the first of `names` present."""
+        found = self.locate(names, ratings)
         if self.zip is not None:
             shown = f"{self.path}:{found}"
             try:
@@ -127,6 +132,20 @@ class Files:
         if not data.strip():
             raise UserError(f"{shown}: the file is empty")
         return shown, data
+
+    def first_line(self, names, ratings=False):
+        """The first line of a file, without reading the rest (to see how many columns it has)."""
+        found = self.locate(names, ratings)
+        try:
+            if self.zip is not None:
+                with self.zip.open(found) as f:
+                    raw = f.readline()
+            else:
+                with (gzip.open if str(found).endswith(".gz") else open)(found, "rb") as f:
+                    raw = f.readline()
+        except (OSError, EOFError, zipfile.BadZipFile) as e:
+            raise UserError(f"{found}: cannot read ({e})") from None
+        return raw.rstrip(b"\r\n")
 
     @staticmethod
     def _read_bytes(path):
@@ -197,13 +216,14 @@ def _check_ratings(shown, ratings, users, movies):
 def read_ml1m(path):
     """ML-1M: ratings.dat[.gz] (3 or 4 columns), users.dat, movies.dat (latin-1), '::'-separated."""
     files = Files(path)
-    shown, data = files.read("ratings.dat", "ratings.dat.gz", role="ratings")
+    ratings_file, users_file, movies_file = SOURCES["ml-1m"]
+    shown, data = files.read(ratings_file, ratings=True)
     ratings = parse_table(shown, data, "::", ["user", "item", "rating", "timestamp"],
                           numeric=("user", "item", "rating", "timestamp"), optional=1)
-    shown_u, data = files.read("users.dat", "users.dat.gz")
+    shown_u, data = files.read(users_file)
     users = parse_table(shown_u, data, "::", ["user", "gender", "age", "occupation", "zip"],
                         numeric=("user", "age", "occupation"))
-    shown_m, data = files.read("movies.dat", "movies.dat.gz")
+    shown_m, data = files.read(movies_file)
     movies = parse_table(shown_m, data, "::", ["item", "title", "genres"], numeric=("item",))
     _check_ratings(shown, ratings, users, movies)
     return Raw("ml-1m", ratings, users, movies, files.sources)
@@ -212,14 +232,15 @@ def read_ml1m(path):
 def read_ml100k(path):
     """ML-100K: u.data (tab), u.user and u.item ('|', latin-1, 19 one-hot genre columns)."""
     files = Files(path)
-    shown, data = files.read("u.data", "u.data.gz", role="ratings")
+    ratings_file, users_file, movies_file = SOURCES["ml-100k"]
+    shown, data = files.read(ratings_file, ratings=True)
     ratings = parse_table(shown, data, "\t", ["user", "item", "rating", "timestamp"],
                           numeric=("user", "item", "rating", "timestamp"), optional=1)
-    shown_u, data = files.read("u.user")
+    shown_u, data = files.read(users_file)
     users = parse_table(shown_u, data, "|", ["user", "age", "gender", "occupation", "zip"],
                         numeric=("user", "age"))
     users["age"] = np.asarray(ML1M_AGES)[np.searchsorted([18, 25, 35, 45, 50, 56], users["age"], "right")]
-    shown_m, data = files.read("u.item")
+    shown_m, data = files.read(movies_file)
     cols = ["item", "title", "release", "video_release", "url"] + [f"g{i}" for i in range(19)]
     # release dates and URLs may be empty in u.item: fill them before the empty-field check
     data = re.sub(rb"\|(?=\|)", b"|-", data)
@@ -615,17 +636,10 @@ def cache_key(name, sources, protocol, cfg):
 def source_checksums(name, path):
     """md5 of every source file, without parsing them (to find the cache)."""
     files = Files(path)
-    names = [("u.data", "u.data.gz"), ("u.user",), ("u.item",)] if name == "ml-100k" else \
-        [("ratings.dat", "ratings.dat.gz"), ("users.dat", "users.dat.gz"), ("movies.dat", "movies.dat.gz")]
     if files.zip is not None:
         return dict(files.sources)
-    sums = {}
-    for i, candidates in enumerate(names):
-        found = files.explicit if i == 0 and files.explicit is not None else files._find(candidates)
-        if found is None:
-            raise UserError(f"{' or '.join(candidates)} not found in {files.path}")
-        sums[found.name] = md5_bytes(Files._read_bytes(found))
-    return sums
+    found = [files.locate(names, ratings=i == 0) for i, names in enumerate(SOURCES[name])]
+    return {f.name: md5_bytes(Files._read_bytes(f)) for f in found}
 
 
 def load_dataset(cfg, quiet=False):
@@ -660,12 +674,8 @@ def load_dataset(cfg, quiet=False):
 
 
 def _auto_protocol(name, path):
-    files = Files(path)
-    shown, data = files.read(*(("u.data", "u.data.gz") if name == "ml-100k" else ("ratings.dat", "ratings.dat.gz")),
-                             role="ratings")
-    first = data.split(b"\n", 1)[0]
-    n = len(first.split(b"\t" if name == "ml-100k" else b"::"))
-    return "temporal" if n >= 4 else "random"
+    first = Files(path).first_line(SOURCES[name][0], ratings=True)
+    return "temporal" if len(first.split(b"\t" if name == "ml-100k" else b"::")) >= 4 else "random"
 
 
 def main():
