@@ -1,4 +1,4 @@
-"""IntTower, assembled from module.py's cells and the data set's meta.json.
+"""IntTower and the models it is compared with, assembled from module.py's cells and meta.json.
 
 Nothing here knows MovieLens: field names, vocabulary sizes and input arrays come from
 `meta["towers"]` (written by get_dataset.py). A model takes the input arrays named by
@@ -331,7 +331,6 @@ class AutoInt(DeepModel):
 
 MODELS = {"inttower": IntTower, "two_tower": IntTower, "dat": DAT, "lr": LR, "cold": COLD, "wide_deep": WideDeep,
           "deepfm": DeepFM, "dcn": DCN, "autoint": AutoInt}
-PRE_RANKING = ("lr", "two_tower", "dat", "cold", "inttower")  # the paper's grouping
 
 
 class LossCell(nn.Cell):
