@@ -46,6 +46,7 @@ SOURCES = {  # the files of each format, in order: ratings (or the file --data_p
     "ml-1m": (("ratings.dat", "ratings.dat.gz"), ("users.dat", "users.dat.gz"), ("movies.dat", "movies.dat.gz")),
     "ml-100k": (("u.data", "u.data.gz"), ("u.user",), ("u.item",)),
 }
+SOURCES["synthetic"] = SOURCES["ml-1m"]  # the generated sample is written in the ML-1M format
 ML100K_GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
                  "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi",
                  "Thriller", "War", "Western")
