@@ -125,7 +125,7 @@ def run_all(runs, passthrough, out, done=None):
         say(f"    done in {time.time() - started:.0f} s")
 
 
-def scoring_latency(run_dir, n=10_000, repeats=50):
+def scoring_latency(run_dir, n=10_000, repeats=200):
     """Median ms to score n candidates for one user from the run's exported item index (tiled to n rows)."""
     from infer import Scorer, head_major, maxsim, maxsim_buffers
     export = run_dir / "export"
@@ -142,6 +142,7 @@ def scoring_latency(run_dir, n=10_000, repeats=50):
         score = lambda: maxsim(user, index, buffers)  # noqa: E731
     else:
         score = lambda: tiled @ user  # noqa: E731
+    score()  # first touch of the buffers
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
