@@ -8,8 +8,10 @@
 Config keys (--data_path, --protocol, --model...) are those of train.py; the benchmark's own are
 --repeats and --steps. Without --data_path the genuine ML-1M files of ../shared/data/ml-1m are
 used when present (all 1,000,209 ratings, protocol paper), else the generated sample.
+The result is printed as JSON at the end, on stdout; progress lines go to stderr.
 """
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -352,12 +354,14 @@ def main():
     own.add_argument("--steps", type=int, default=30)
     args, rest = own.parse_known_args()
     cfg, overrides = parse_args(rest, prog=f"benchmark.py {args.what}", description=__doc__.split("\n\n")[0])
-    if args.what == "serve":
-        result = bench_serve(cfg, args.repeats)
-    else:
-        cfg = default_data(cfg, overrides)
-        result = {"train": lambda: bench_train(cfg, args.repeats, args.steps), "data": lambda: bench_data(cfg, args.repeats),
-                  "profile": lambda: bench_profile(cfg, args.steps)}[args.what]()
+    with contextlib.redirect_stdout(sys.stderr):  # progress lines to stderr: stdout is the JSON result alone
+        if args.what == "serve":
+            result = bench_serve(cfg, args.repeats)
+        else:
+            cfg = default_data(cfg, overrides)
+            result = {"train": lambda: bench_train(cfg, args.repeats, args.steps),
+                      "data": lambda: bench_data(cfg, args.repeats),
+                      "profile": lambda: bench_profile(cfg, args.steps)}[args.what]()
     print(json.dumps(result, indent=1))
 
 
