@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from model_config import parse_args
-from util import ROOT, UserError, run_cli, say
+from util import ROOT, UserError, median_ms, run_cli, say
 
 SHARED_ML1M = ROOT.parent / "shared" / "data" / "ml-1m" / "ratings-all-users-no-timestamp.dat.gz"
 
@@ -299,26 +299,17 @@ def bench_serve(cfg, repeats, sizes=(1_000, 10_000, 100_000)):
     if not (export / "manifest.json").exists():
         from export import export_run
         export_run(cfg.replace(run_dir=cfg.run_dir), {"run_dir"})
-    scorer = Scorer(export)
-    full = nn.GraphCell(ms.load(str(export / "model.mindir")))
-    items = np.load(Path(cfg.run_dir) / "export" / "item_index.npy")[:-1]
-    user_id = int(scorer.users["key"][0])
-    user, _ = scorer.user_vector(user_id)
-    dot_dim = json.loads((Path(cfg.run_dir) / "config.json").read_text())["mlp"][-1]
     import get_dataset
     from eval import load_run
     _, _, run_cfg, meta = load_run(cfg.replace(run_dir=cfg.run_dir), {"run_dir"})
     catalog = get_dataset.load_dataset(run_cfg, quiet=True).catalog("items")
+    scorer = Scorer(export)
+    full = nn.GraphCell(ms.load(str(export / "model.mindir")))
+    items = scorer.index[:-1]
+    user_id = int(scorer.users["key"][0])
+    user, _ = scorer.user_vector(user_id)
     user_inputs, _ = scorer.user_inputs(user_id)
-
-    def median_ms(fn, n_repeats):
-        fn()
-        times = []
-        for _ in range(n_repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times) * 1000
+    dot_dim = run_cfg.mlp[-1]
 
     rows = []
     for n in sizes:

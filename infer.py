@@ -65,13 +65,16 @@ class Scorer:
                 if not path.is_file() or md5_file(path) != digest:
                     raise UserError(f"{path} does not match {self.dir / 'manifest.json'} (missing, changed or "
                                     f"from another export): export again")
-        self.index = np.load(self.dir / "item_index.npy")
-        if list(self.index.shape[1:]) != m["item_shape"] or len(self.index) != m["items"] + 1:
-            raise UserError(f"item index {self.index.shape} does not match the manifest "
+        index = np.load(self.dir / "item_index.npy")
+        if list(index.shape[1:]) != m["item_shape"] or len(index) != m["items"] + 1:
+            raise UserError(f"item index {index.shape} does not match the manifest "
                             f"({m['items']} + 1 items of {m['item_shape']})")
-        self.index = np.ascontiguousarray(self.index, np.float32)
         self.fe = m["scoring"] == "maxsim"
-        self.by_head = head_major(self.index) if self.fe else None  # the scoring layout, see maxsim()
+        if self.fe:  # one copy in memory: the head-major scoring layout (see maxsim), and an item-major view of it
+            self.by_head = head_major(index)
+            self.index = self.by_head.transpose(1, 0, 2)
+        else:
+            self.by_head, self.index = None, np.ascontiguousarray(index, np.float32)
         self._buffers = None
         self.item_ids = np.load(self.dir / "item_ids.npy")
         self.titles = json.loads((self.dir / "titles.json").read_text())

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from model_config import MODELS, parse_args
-from util import ROOT, UserError, run_cli, say
+from util import ROOT, UserError, median_ms, run_cli, say
 
 ABLATIONS = {  # the paper's Figure 6(a): IntTower with one module removed or replaced
     "w/o Light-SE": {"se": "none"},
@@ -37,9 +37,8 @@ ABLATIONS = {  # the paper's Figure 6(a): IntTower with one module removed or re
     "w/o CIR": {"cir_weight": "0"},
     "CIR over all rows": {"cir_anchors": "0"},  # not in the paper: our 512-anchor CIR against the full matrix
 }
-PAPER = {"inttower": (0.8974, 0.3128), "two_tower": (0.8697, 0.4559), "dat": (0.8712, None), "cold": (0.8836, None),
-         "wide_deep": (0.8820, None), "deepfm": (0.8920, None), "dcn": (0.8964, None), "autoint": (0.8948, None),
-         "lr": (None, None)}
+PAPER_AUC = {"inttower": 0.8974, "two_tower": 0.8697, "dat": 0.8712, "cold": 0.8836, "wide_deep": 0.8820,
+             "deepfm": 0.8920, "dcn": 0.8964, "autoint": 0.8948}  # the paper's ML-1M table
 ORDER = ["lr", "two_tower", "dat", "cold", "inttower", "wide_deep", "deepfm", "dcn", "autoint"]
 
 
@@ -142,13 +141,7 @@ def scoring_latency(run_dir, n=10_000, repeats=200):
         score = lambda: maxsim(user, index, buffers)  # noqa: E731
     else:
         score = lambda: tiled @ user  # noqa: E731
-    score()  # first touch of the buffers
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        score()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
+    return median_ms(score, repeats)
 
 
 def collect(out):
@@ -187,7 +180,6 @@ def report(out, latency=True):
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    latencies = {}
     for protocol in sorted({r["protocol"] for r in rows}):
         dataset = next(r["dataset"] for r in rows if r["protocol"] == protocol)
         lines = [f"# Results: {dataset}, protocol `{protocol}`", ""]
@@ -203,12 +195,8 @@ def report(out, latency=True):
         order = ORDER + list(ABLATIONS)
         for variant in sorted(groups, key=lambda v: order.index(v) if v in order else 99):
             g = groups[variant]
-            lat = "-"
-            if latency and g[0]["decoupled"]:
-                key = (variant, protocol)
-                latencies[key] = scoring_latency(out / "runs" / g[0]["run"])
-                lat = f"{latencies[key]:.2f}"
-            paper_auc = PAPER.get(variant, (None,))[0] if protocol == "paper" else None
+            lat = f"{scoring_latency(out / 'runs' / g[0]['run']):.2f}" if latency and g[0]["decoupled"] else "-"
+            paper_auc = PAPER_AUC.get(variant) if protocol == "paper" else None
             lines.append(f"| {variant} | {len(g)} | {mean_std([r['test_auc'] for r in g])} | "
                          f"{mean_std([r['test_logloss'] for r in g])} | {mean_std([r['test_gauc'] for r in g])} | "
                          f"{paper_auc if paper_auc else '-'} | {g[0]['parameters']:,} | "

@@ -4,8 +4,10 @@ import hashlib
 import json
 import os
 import shutil
+import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +39,17 @@ def say(message):
 
 
 # ---------------------------------------------------------------- files
+
+def median_ms(fn, repeats):
+    """Median wall time of `repeats` calls of fn(), in milliseconds, after one untimed call (first touch)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000
+
 
 def md5_bytes(data):
     return hashlib.md5(data).hexdigest()
