@@ -3,7 +3,7 @@
     python run_experiments.py --models all --seeds 1,2,3 --protocols paper,temporal
     python run_experiments.py --models inttower --ablations --seeds 1,2,3 --protocols paper
     python run_experiments.py --report                      # only rebuild the tables from finished runs
-    python run_experiments.py --models all --tune_lr 0.0005,0.002   # pick each model's lr on validation first
+    python run_experiments.py --models all --tune lr=0.0005,0.002 --tune dropout=0.1,0.3  # pick per model on validation
 
 Every run is `python train.py ...` in its own process, in results/runs/<model>-<protocol>-seed<N>;
 a run whose metrics.json exists is not repeated, so an interrupted sweep continues where it stopped.
@@ -17,6 +17,7 @@ candidates from the item index) and results/ablation.png (the paper's Figure 6(a
 """
 import argparse
 import csv
+import itertools
 import json
 import statistics
 import subprocess
@@ -46,30 +47,57 @@ def slug(text):
     return "".join(c if c.isalnum() else "_" for c in text.lower()).strip("_")
 
 
+def grid(args):
+    """--tune key=v1,v2 (repeatable; --tune_lr V is --tune lr=V) -> [(key, [values])] in the order given."""
+    specs = list(args.tune) + ([f"lr={args.tune_lr}"] if args.tune_lr else [])
+    keys = []
+    for spec in specs:
+        key, sep, values = spec.partition("=")
+        key = key.strip().lstrip("-")
+        if not sep or not values or key in dict(keys):
+            raise UserError(f"--tune {spec!r}: expected key=value1,value2,... with each key once (e.g. --tune lr=0.001,0.002)")
+        keys.append((key, values.split(",")))
+    return keys
+
+
+def tuning_name(variant, setting, base):
+    """tune-<variant>-lr<lr>[-<key><value> for each other key whose value differs from `base`]."""
+    lr = dict(setting).get("lr", str(base.lr))
+    rest = "".join(f"-{k}{v}" for k, v in setting
+                   if k != "lr" and getattr(parse_args([f"--{k}", v])[0], k) != getattr(base, k))
+    return f"tune-{variant}-lr{lr}{rest}"
+
+
 def tune(args, passthrough, out):
-    """Per variant, the learning rate of --tune_lr with the best validation AUC (first seed, --tune_protocol)."""
-    if not args.tune_lr:
+    """Per variant, the setting of the --tune grid with the best validation AUC (first seed, --tune_protocol)."""
+    keys = grid(args)
+    if not keys:
         return {}
-    rates = args.tune_lr.split(",")
+    base = parse_args(passthrough, prog="run_experiments.py")[0]
+    for key, values in keys:  # reject a bad key or value before training anything
+        for value in values:
+            parse_args([*passthrough, f"--{key}", value], prog="run_experiments.py --tune")
+    settings = [tuple(zip([k for k, _ in keys], combo)) for combo in itertools.product(*(v for _, v in keys))]
     seed = int(args.seeds.split(",")[0])
     runs = []
     for name, variant, model, protocol, _, extra in plan(args, protocols=[args.tune_protocol], seeds=[seed]):
-        for lr in rates:
-            runs.append((f"tune-{name}-lr{lr}", variant, model, protocol, seed, extra + ["--lr", lr]))
+        for setting in settings:
+            runs.append((tuning_name(variant, setting, base), variant, model, protocol, seed,
+                         extra + [a for k, v in setting for a in (f"--{k}", v)]))
     run_all(runs, passthrough, out, args.done)
-    best, lines = {}, ["# Learning-rate check", "", f"protocol `{args.tune_protocol}`, seed {seed}, validation AUC "
-                       "(the test split is not looked at)", "", "| model | " + " | ".join(f"lr {r}" for r in rates) +
-                       " | chosen |", "|---|" + "---|" * (len(rates) + 1)]
+    label = lambda setting: ", ".join(f"{k} {v}" for k, v in setting)  # noqa: E731
+    best, lines = {}, ["# Hyper-parameter check", "", f"protocol `{args.tune_protocol}`, seed {seed}, validation AUC "
+                       "(the test split is not looked at)", "", "| model | " + " | ".join(map(label, settings)) +
+                       " | chosen |", "|---|" + "---|" * (len(settings) + 1)]
     for variant in dict.fromkeys(r[1] for r in runs):
-        scores = {}
-        for name, v, *_ in runs:
-            if v == variant:
-                scores[name.rsplit("-lr", 1)[1]] = json.loads((out / "runs" / name / "metrics.json").read_text())["val_auc"]
-        best[variant] = max(scores, key=scores.get)
-        lines.append(f"| {variant} | " + " | ".join(f"{scores[r]:.4f}" for r in rates) + f" | {best[variant]} |")
+        scores = {s: json.loads((out / "runs" / tuning_name(variant, s, base) / "metrics.json").read_text())["val_auc"]
+                  for s in settings}
+        best[variant] = max(settings, key=scores.get)
+        lines.append(f"| {variant} | " + " | ".join(f"{scores[s]:.4f}" for s in settings) +
+                     f" | {label(best[variant])} |")
     (out / "tuning.md").write_text("\n".join(lines) + "\n")
-    say(f"learning rates chosen on validation AUC: {best}")
-    return best
+    say("chosen on validation AUC: " + "; ".join(f"{v}: {label(s)}" for v, s in best.items()))
+    return {variant: [a for k, v in setting for a in (f"--{k}", v)] for variant, setting in best.items()}
 
 
 def plan(args, protocols=None, seeds=None):
@@ -95,15 +123,32 @@ def plan(args, protocols=None, seeds=None):
     return runs
 
 
+IGNORED = {"data_path", "data_dir", "output_dir", "run_dir", "resume", "checkpoint", "device_target"}  # where
+
+
+def changed(run_dir, train_args):
+    """The settings a finished run in run_dir was trained with that differ from train_args' ([] if none)."""
+    planned = parse_args(train_args, prog="run_experiments.py")[0].to_dict()
+    saved = json.loads((run_dir / "config.json").read_text())
+    return [f"{k} {saved[k]} -> {planned[k]}" for k in sorted(set(saved) & set(planned) - IGNORED)
+            if saved[k] != planned[k]]
+
+
 def run_all(runs, passthrough, out, done=None):
-    """Run what is not finished yet; `done` maps train.py arguments to a finished run with the same ones."""
+    """Run what is not finished yet; `done` maps train.py arguments to a finished run with the same ones.
+
+    A finished run is kept only when it was trained with the settings asked for now; otherwise it is
+    trained again (e.g. when a wider --tune grid chose another setting for its model)."""
     import shutil
     done = {} if done is None else done
     for k, (name, variant, model, protocol, seed, extra) in enumerate(runs, 1):
         run_dir = out / "runs" / name
         if (run_dir / "metrics.json").exists():
-            done.setdefault(tuple(extra), run_dir)
-            continue
+            diff = changed(run_dir, [*passthrough, *extra])
+            if not diff:
+                done.setdefault(tuple(extra), run_dir)
+                continue
+            say(f"{name} was trained with other settings ({'; '.join(diff)}): training it again")
         if run_dir.exists():  # an interrupted run: start it again
             shutil.rmtree(run_dir)
         if tuple(extra) in done:  # the same training already ran (a tuning run): reuse it
@@ -245,7 +290,9 @@ def main():
     own.add_argument("--results", default="results")
     own.add_argument("--report", action="store_true", help="only rebuild the tables")
     own.add_argument("--no_latency", action="store_true")
-    own.add_argument("--tune_lr", default="", help="learning rates to try per model, e.g. 0.0005,0.002")
+    own.add_argument("--tune", action="append", default=[], metavar="KEY=V1,V2",
+                     help="a config key and the values to try per model (repeatable: the grid of all)")
+    own.add_argument("--tune_lr", default="", help="learning rates to try per model (--tune lr=...)")
     own.add_argument("--tune_protocol", default="temporal")
     args, rest = own.parse_known_args()
     if "--help" in rest or "-h" in rest:
@@ -255,8 +302,8 @@ def main():
     out = Path(args.results)
     if not args.report:
         args.done = {}
-        rates = tune(args, rest, out)
-        runs = [(name, variant, model, protocol, seed, extra + (["--lr", rates[variant]] if variant in rates else []))
+        chosen = tune(args, rest, out)
+        runs = [(name, variant, model, protocol, seed, extra + chosen.get(variant, []))
                 for name, variant, model, protocol, seed, extra in plan(args)]
         run_all(runs, rest, out, args.done)
     report(out, latency=not args.no_latency)
