@@ -6,11 +6,14 @@
     python run_experiments.py --models all --tune lr=0.0005,0.002 --tune dropout=0.1,0.3  # pick per model on validation
 
 Every run is `python train.py ...` in its own process, in results/runs/<model>-<protocol>-seed<N>;
-a run whose metrics.json exists is not repeated, so an interrupted sweep continues where it stopped.
+a finished run is not repeated unless it was trained with other settings, so an interrupted sweep
+continues where it stopped.
 Config keys of train.py (--data_path, --epochs, --lr...) apply to every run; --paper_data and
 --temporal_data give a protocol its own ratings file (e.g. the genuine files of ../shared/data/ml-1m:
 all ratings without timestamps for paper, users 1-2999 with timestamps for temporal).
 
+--tune key=v1,v2 (repeatable) first trains each model with every setting of the grid on the first
+seed under --tune_protocol and keeps the one with the best validation AUC (results/tuning-<keys>.md).
 Writes results/results.csv (one row per run), results/<protocol>.md (mean +- std over seeds: AUC,
 logloss, parameters, training time, and for decoupled models the latency of scoring 10,000
 candidates from the item index) and results/ablation.png (the paper's Figure 6(a)).
@@ -95,7 +98,7 @@ def tune(args, passthrough, out):
         best[variant] = max(settings, key=scores.get)
         lines.append(f"| {variant} | " + " | ".join(f"{scores[s]:.4f}" for s in settings) +
                      f" | {label(best[variant])} |")
-    (out / "tuning.md").write_text("\n".join(lines) + "\n")
+    (out / f"tuning-{'-'.join(k for k, _ in keys)}.md").write_text("\n".join(lines) + "\n")
     say("chosen on validation AUC: " + "; ".join(f"{v}: {label(s)}" for v, s in best.items()))
     return {variant: [a for k, v in setting for a in (f"--{k}", v)] for variant, setting in best.items()}
 
