@@ -1,0 +1,74 @@
+"""run_experiments.py on the generated sample: the tuning grid, reuse of finished runs, the tables."""
+import csv
+import json
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+import run_experiments as rx
+from conftest import ROOT
+from model_config import Config
+from util import UserError
+
+TINY = ["--dataset", "synthetic", "--synthetic_users", "300", "--synthetic_items", "100", "--synthetic_ratings", "30",
+        "--mlp", "16", "--embed_dim", "4", "--batch_size", "512", "--epochs", "1"]
+
+
+def sweep(tmp_path, *args):
+    cmd = [sys.executable, str(ROOT / "run_experiments.py"), *args, "--results", str(tmp_path / "results"),
+           "--data_dir", str(tmp_path / "data"), "--no_latency", *TINY]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout + proc.stderr
+
+
+def test_grid_parsing_and_names():
+    args = SimpleNamespace(tune=["lr=0.001,0.002", "dropout=0.1,0.3"], tune_lr="")
+    assert rx.grid(args) == [("lr", ["0.001", "0.002"]), ("dropout", ["0.1", "0.3"])]
+    assert rx.grid(SimpleNamespace(tune=[], tune_lr="0.5")) == [("lr", ["0.5"])]
+    base = Config()
+    # the default dropout is not part of the name, so runs of an lr-only grid are reused by a wider one
+    assert rx.tuning_name("dat", (("lr", "0.001"), ("dropout", "0.10")), base) == "tune-dat-lr0.001"
+    assert rx.tuning_name("dat", (("lr", "0.001"), ("dropout", "0.3")), base) == "tune-dat-lr0.001-dropout0.3"
+    assert rx.tuning_name("dat", (("dropout", "0.3"),), base) == f"tune-dat-lr{base.lr}-dropout0.3"
+    for bad in (["lr"], ["lr="], ["lr=1", "lr=2"]):
+        with pytest.raises(UserError, match="key=value1,value2"):
+            rx.grid(SimpleNamespace(tune=bad, tune_lr=""))
+
+
+def test_tuning_picks_best_validation_and_reuses_the_run(tmp_path):
+    log = sweep(tmp_path, "--models", "lr", "--seeds", "1", "--protocols", "temporal", "--tune", "lr=0.0002,0.05")
+    out = tmp_path / "results"
+    table = (out / "tuning-lr.md").read_text()
+    scores = {lr: json.loads((out / "runs" / f"tune-lr-lr{lr}" / "metrics.json").read_text())["val_auc"]
+              for lr in ("0.0002", "0.05")}
+    best = max(scores, key=scores.get)
+    assert f"| lr {best} |" in table and f"{scores['0.0002']:.4f}" in table
+    final = out / "runs" / "lr-temporal-seed1"
+    assert json.loads((final / "config.json").read_text())["lr"] == float(best)
+    # the final seed-1 run has the chosen setting's arguments: copied from its tuning run, not retrained
+    assert log.count("done in") == 2
+    assert json.loads((final / "metrics.json").read_text())["val_auc"] == scores[best]
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [r["run"] for r in rows] == ["lr-temporal-seed1"]  # tuning runs are not results
+    assert "| lr | 1 |" in (out / "temporal.md").read_text()
+
+    # same command again: nothing is trained; another setting asked for: that run is trained again
+    assert "done in" not in sweep(tmp_path, "--models", "lr", "--seeds", "1", "--protocols", "temporal",
+                                  "--tune", "lr=0.0002,0.05")
+    other = "0.05" if best == "0.0002" else "0.0002"
+    log = sweep(tmp_path, "--models", "lr", "--seeds", "1", "--protocols", "temporal", "--lr", other)
+    assert "trained with other settings" in log and log.count("done in") == 1
+    assert json.loads((final / "config.json").read_text())["lr"] == float(other)
+
+
+def test_changed_ignores_where_a_run_was_trained(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    saved = Config(lr=0.002, data_dir="/elsewhere", data_path="a.dat").to_dict()
+    (run / "config.json").write_text(json.dumps({**saved, "key_of_an_older_version": 1}))
+    assert rx.changed(run, ["--lr", "0.002", "--data_dir", "data"]) == []
+    assert rx.changed(run, ["--lr", "0.001"]) == ["lr 0.002 -> 0.001"]
+    assert rx.changed(run, ["--lr", "0.002", "--dropout", "0.3"]) == ["dropout 0.1 -> 0.3"]
