@@ -31,7 +31,8 @@ def init_mindspore(cfg):
     try:
         ms.set_device(cfg.device_target)
     except (RuntimeError, ValueError) as e:
-        raise UserError(f"device {cfg.device_target} is not available here ({str(e).splitlines()[0]})") from None
+        if ms.get_context("device_target") != cfg.device_target:  # not merely a second call on the same device
+            raise UserError(f"device {cfg.device_target} is not available here ({str(e).splitlines()[0]})") from None
     ms.set_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     return ms
