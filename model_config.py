@@ -19,6 +19,7 @@ PROTOCOLS = ("auto", "paper", "random", "temporal")
 MODELS = ("inttower", "two_tower", "lr", "dat", "cold", "wide_deep", "deepfm", "dcn", "autoint")
 SE_TYPES = ("lightse", "senet", "none")
 INTERACTIONS = ("fe", "dot", "fc")
+FE_LAYERS = ("outputs", "inputs", "all")
 DEVICES = ("CPU", "GPU", "Ascend")
 
 
@@ -53,7 +54,13 @@ class Config:
     se: str = _opt("lightse", "field attention over each tower's embeddings", SE_TYPES)
     interaction: str = _opt("fe", "fe: FE-Block MaxSim; dot: plain two-tower; fc: an MLP over both "
                                   "towers (couples them)", INTERACTIONS)
-    last_layer_only: bool = _opt(False, "FE-Block on the last user layer only (the accelerated variant)")
+    fe_layers: str = _opt("outputs", "user representations the FE-Block projects: outputs (every MLP layer's "
+                                     "output), inputs (every MLP layer's input: the field embeddings and every "
+                                     "hidden layer but the last, as the published code), all (both)", FE_LAYERS)
+    score_mean: bool = _opt(False, "decoupled scores as a mean instead of a sum of their terms (FE-Block: over "
+                                   "the L*H user heads; dot product: over its d dimensions): the same family of "
+                                   "scores, with initial logits that do not grow with heads or width")
+    last_layer_only: bool = _opt(False, "FE-Block on the last of those representations only (the accelerated variant)")
     embed_dim: int = _opt(32, "embedding size of every sparse field")
     mlp: tuple = _opt((300, 300, 128), "hidden sizes of each tower's MLP, comma separated")
     heads: int = _opt(4, "FE-Block heads per layer")

@@ -113,21 +113,27 @@ class MLP(nn.Cell):
 class FEBlock(nn.Cell):
     """FE-Block: multi-head late interaction between a multi-layer user tower and the item tower.
 
-    user_heads: each user layer (or the last only) -> H heads of p dims: (B, L, H, p).
+    user_heads: each selected user representation -> H heads of p dims: (B, L, H, p). The user tower
+    offers its MLP input (index 0: the field embeddings after Light-SE, and the dense values) and
+    every MLP layer's output (1..n); `user_layers` picks L of them.
     item_heads: the last item layer -> (B, H, p).
     score: sum over user layers and user heads of the max over item heads of <u, v>: (B,).
+    With `mean`, the user heads are multiplied by 1/(L*H), i.e. the sum becomes a mean over the
+    user heads: the same family of scores (max is positively homogeneous), but the initial logits
+    no longer grow with L*H (README, "Model architecture").
     A user's heads are computed once per user and an item's once per item, so items can be
     indexed offline; `score` also takes one user (1, L, H, p) against N items (N, H, p)."""
 
-    def __init__(self, user_dims, item_dim, heads=4, head_dim=64, last_layer_only=False):
+    def __init__(self, user_dims, item_dim, heads=4, head_dim=64, user_layers=None, mean=False):
         super().__init__()
         self.heads, self.head_dim = heads, head_dim
-        self.user_layers = (len(user_dims) - 1,) if last_layer_only else tuple(range(len(user_dims)))
+        self.user_layers = tuple(range(len(user_dims))) if user_layers is None else tuple(user_layers)
         self.user_proj = nn.CellList([nn.Dense(user_dims[i], heads * head_dim) for i in self.user_layers])
         self.item_proj = nn.Dense(item_dim, heads * head_dim)
+        self.user_scale = 1.0 / (len(self.user_layers) * heads) if mean else 1.0
 
     def keep_last_layer_only(self):
-        """Drop every user layer's projection but the last (the accelerated serving variant)."""
+        """Drop every user projection but the last (the accelerated serving variant); the scale stays."""
         self.user_proj = nn.CellList([self.user_proj[len(self.user_layers) - 1]])
         self.user_layers = self.user_layers[-1:]
 
@@ -135,7 +141,8 @@ class FEBlock(nn.Cell):
         heads = ()
         for k, i in enumerate(self.user_layers):
             heads += (self.user_proj[k](user_layers[i]).reshape((-1, 1, self.heads, self.head_dim)),)
-        return ops.concat(heads, 1) if len(heads) > 1 else heads[0]
+        heads = ops.concat(heads, 1) if len(heads) > 1 else heads[0]
+        return heads * self.user_scale if self.user_scale != 1.0 else heads
 
     def item_heads(self, item_last):
         return self.item_proj(item_last).reshape((-1, self.heads, self.head_dim))

@@ -110,13 +110,23 @@ def test_feblock_heads_and_maxsim_equal_loops():
 
 
 def test_feblock_last_layer_only_is_the_reduced_formula():
-    fe = FEBlock((8, 6, 5), 5, heads=2, head_dim=3, last_layer_only=True)
+    fe = FEBlock((8, 6, 5), 5, heads=2, head_dim=3, user_layers=(2,))
     layers = tuple(T(RNG.normal(size=(4, d)).astype(np.float32)) for d in (8, 6, 5))
     user, item = fe.user_heads(layers).asnumpy(), fe.item_heads(layers[-1]).asnumpy()
     assert user.shape == (4, 1, 2, 3) and len(fe.user_proj) == 1
     u = dense(fe.user_proj[0], layers[-1].asnumpy()).reshape(4, 2, 3)
     reduced = np.einsum("bhp,bkp->bhk", u, item).max(-1).sum(-1)
     np.testing.assert_allclose(fe(T(user), T(item)).asnumpy(), reduced, atol=1e-4)
+
+
+def test_feblock_mean_divides_the_sum_by_the_user_heads():
+    summed, mean = FEBlock((8, 6, 5), 5, heads=3, head_dim=4), FEBlock((8, 6, 5), 5, heads=3, head_dim=4, mean=True)
+    ms.load_param_into_net(mean, {p.name: p for p in summed.get_parameters()})
+    layers = tuple(T(RNG.normal(size=(4, d)).astype(np.float32)) for d in (8, 6, 5))
+    user, item = summed.user_heads(layers).asnumpy(), summed.item_heads(layers[-1]).asnumpy()
+    np.testing.assert_allclose(mean.user_heads(layers).asnumpy(), user / 9, rtol=1e-6)  # L*H = 3*3
+    np.testing.assert_allclose(mean(mean.user_heads(layers), T(item)).asnumpy(), maxsim_loops(user, item) / 9,
+                               rtol=1e-4, atol=1e-5)
 
 
 def test_feblock_one_user_against_many_items():
@@ -217,6 +227,35 @@ def test_towers_are_decoupled():
 SWITCHES = [dict(se=se, interaction=i, cir_weight=c, last_layer_only=last)
             for se, i, c, last in itertools.product(("lightse", "senet", "none"), ("fe", "dot", "fc"), (0.0, 0.5),
                                                     (False, True)) if not (last and i != "fe")]
+SWITCHES += [dict(interaction=i, fe_layers=f, score_mean=True, last_layer_only=last)
+             for i, f, last in (("fe", "inputs", False), ("fe", "all", False), ("fe", "inputs", True),
+                                ("dot", "outputs", False), ("fc", "outputs", False))]
+
+
+@pytest.mark.parametrize("fe_layers, last, picked", [("outputs", False, (1, 2)), ("inputs", False, (0, 1)),
+                                                     ("all", False, (0, 1, 2)), ("inputs", True, (1,))])
+def test_fe_layers_pick_the_user_tower_representations(fe_layers, last, picked):
+    """0 is the MLP input (Light-SE embeddings and dense values), k the output of MLP layer k."""
+    net = M.build_model(META, SMALL.replace(fe_layers=fe_layers, last_layer_only=last))
+    net.set_train(False)
+    user_inputs = inputs(batch())[:net.n_user_inputs]
+    reps = [r.asnumpy() for r in net.user_tower(*user_inputs)]
+    assert [r.shape[1] for r in reps] == [2 * 4 + 1, 8, 6]  # 2 fields x 4 dims + 1 dense value, then the MLP
+    heads = net.user_representation(*user_inputs).asnumpy()
+    assert heads.shape == (6, len(picked), SMALL.heads, SMALL.head_dim)
+    for l, i in enumerate(picked):
+        np.testing.assert_allclose(heads[:, l].reshape(6, -1), dense(net.fe.user_proj[l], reps[i]), atol=1e-5)
+
+
+def test_score_mean_divides_the_dot_product_by_its_width():
+    net = M.build_model(META, SMALL.replace(model="two_tower", score_mean=True))
+    net.set_train(False)
+    x = inputs(batch())
+    logits, (u, v) = net.forward(*x)  # the towers' last layers
+    expected = (u.asnumpy() * v.asnumpy()).sum(-1) / SMALL.mlp[-1] + net.bias.asnumpy()
+    np.testing.assert_allclose(logits.asnumpy(), expected, rtol=1e-5, atol=1e-6)
+    user, item = net.user_representation(*x[:net.n_user_inputs]), net.item_representation(*x[net.n_user_inputs:])
+    np.testing.assert_allclose(net.score(user, item).asnumpy(), logits.asnumpy(), atol=1e-6)
 
 
 @pytest.mark.parametrize("switches", SWITCHES, ids=lambda s: "-".join(f"{v}" for v in s.values()))
