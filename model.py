@@ -73,11 +73,6 @@ class Tower(nn.Cell):
         return (x,) + self.mlp(x)
 
 
-def dot_scale(cfg):
-    """The factor on the user side of a dot-product score: 1/d with --score_mean (a mean over the d products)."""
-    return 1.0 / cfg.mlp[-1] if cfg.score_mean else 1.0
-
-
 def fe_user_layers(cfg):
     """Indices into a user tower's representations (0: MLP input, k: layer k's output) for --fe_layers."""
     n = len(cfg.mlp)
@@ -119,10 +114,9 @@ class IntTower(RecModel):
         last = cfg.mlp[-1]
         if cfg.interaction == "fe":
             dims = (self.user_tower.mlp_in,) + tuple(cfg.mlp)
-            self.fe = FEBlock(dims, last, cfg.heads, cfg.head_dim, fe_user_layers(cfg), cfg.score_mean)
+            self.fe = FEBlock(dims, last, cfg.heads, cfg.head_dim, fe_user_layers(cfg), cfg.fe_mean)
         elif cfg.interaction == "fc":
             self.head = nn.SequentialCell([nn.Dense(2 * last, last, activation="relu"), nn.Dense(last, 1)])
-        self.dot_scale = dot_scale(cfg) if cfg.interaction == "dot" else 1.0
         self.bias = ms.Parameter(ms.Tensor(0.0, ms.float32), name="bias")
         self.cir_weight = float(cfg.cir_weight)
         self.has_aux = self.cir_weight > 0
@@ -131,9 +125,7 @@ class IntTower(RecModel):
 
     def _user(self, inputs):
         layers = self.user_tower(*inputs)
-        if self.interaction == "fe":
-            return self.fe.user_heads(layers), layers[-1]
-        return (layers[-1] * self.dot_scale if self.dot_scale != 1.0 else layers[-1]), layers[-1]
+        return (self.fe.user_heads(layers) if self.interaction == "fe" else layers[-1]), layers[-1]
 
     def _item(self, inputs):
         last = self.item_tower(*inputs)[-1]
@@ -192,28 +184,24 @@ class DAT(RecModel):
         self.item_augment = nn.Embedding(meta["towers"]["item"]["sparse"][0]["vocab_size"], dim)
         self.bias = ms.Parameter(ms.Tensor(0.0, ms.float32), name="bias")
         self.weight = float(cfg.dat_weight)
-        self.dot_scale = dot_scale(cfg)
 
     def _side(self, tower, augment, inputs):
         aug = augment(inputs[0][:, 0])
         return tower.mlp(ops.concat((tower.features(*inputs), aug), 1))[-1], aug
 
     def user_representation(self, *user_inputs):
-        user = self._side(self.user_tower, self.user_augment, user_inputs)[0]
-        return user * self.dot_scale if self.dot_scale != 1.0 else user
+        return self._side(self.user_tower, self.user_augment, user_inputs)[0]
 
     def item_representation(self, *item_inputs):
         return self._side(self.item_tower, self.item_augment, item_inputs)[0]
 
     def score(self, user, item):
-        """Logits of a user representation (scaled by dot_scale) and an item representation."""
         return (user * item).sum(-1) + self.bias
 
     def forward(self, *inputs):
         user, user_aug = self._side(self.user_tower, self.user_augment, inputs[:self.n_user_inputs])
         item, item_aug = self._side(self.item_tower, self.item_augment, inputs[self.n_user_inputs:])
-        scaled = user * self.dot_scale if self.dot_scale != 1.0 else user
-        return self.score(scaled, item), (user, item, user_aug, item_aug)
+        return self.score(user, item), (user, item, user_aug, item_aug)
 
     def construct(self, *inputs):
         return self.forward(*inputs)[0]

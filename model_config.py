@@ -57,9 +57,8 @@ class Config:
     fe_layers: str = _opt("outputs", "user representations the FE-Block projects: outputs (every MLP layer's "
                                      "output), inputs (every MLP layer's input: the field embeddings and every "
                                      "hidden layer but the last, as the published code), all (both)", FE_LAYERS)
-    score_mean: bool = _opt(False, "decoupled scores as a mean instead of a sum of their terms (FE-Block: over "
-                                   "the L*H user heads; dot product: over its d dimensions): the same family of "
-                                   "scores, with initial logits that do not grow with heads or width")
+    fe_mean: bool = _opt(True, "FE-Block score as a mean over the L*H user heads instead of the paper's sum: the "
+                               "same family of scores, with initial logits that do not grow with L*H (false: sum)")
     last_layer_only: bool = _opt(False, "FE-Block on the last of those representations only (the accelerated variant)")
     embed_dim: int = _opt(32, "embedding size of every sparse field")
     mlp: tuple = _opt((300, 300, 128), "hidden sizes of each tower's MLP, comma separated")

@@ -36,12 +36,11 @@ def test_model_trains_with_falling_loss(name, data):
     assert probs.shape == (len(dataset.split("test")["label"]),) and ((probs > 0) & (probs < 1)).all()
 
 
-@pytest.mark.parametrize("score_mean", [False, True])
 @pytest.mark.parametrize("name", ["inttower", "two_tower", "dat"])
-def test_decoupled_models_score_from_their_towers(name, score_mean, data):
+def test_decoupled_models_score_from_their_towers(name, data):
     cfg, dataset = data
     meta = dataset.meta
-    model = M.build_model(meta, cfg.replace(model=name, score_mean=score_mean))
+    model = M.build_model(meta, cfg.replace(model=name))
     assert model.decoupled
     model.set_train(False)
     test = dataset.split("test")
