@@ -13,7 +13,8 @@ Config keys of train.py (--data_path, --epochs, --lr...) apply to every run; --p
 all ratings without timestamps for paper, users 1-2999 with timestamps for temporal).
 
 --tune key=v1,v2 (repeatable) first trains each model with every setting of the grid on the first
-seed under --tune_protocol and keeps the one with the best validation AUC (results/tuning-<keys>.md).
+seed under --tune_protocol and keeps the one with the best validation AUC (results/tuning-<keys>.md);
+the ablations of a model are trained with the setting chosen for it.
 Writes results/results.csv (one row per run), results/<protocol>.md (mean +- std over seeds: AUC,
 logloss, parameters, training time, and for decoupled models the latency of scoring 10,000
 candidates from the item index) and results/ablation.png (the paper's Figure 6(a)).
@@ -39,7 +40,10 @@ ABLATIONS = {  # the paper's Figure 6(a): IntTower with one module removed or re
     "w/o FE-Block": {"interaction": "dot"},
     "FE-Block -> FC": {"interaction": "fc"},
     "w/o CIR": {"cir_weight": "0"},
-    "CIR over all rows": {"cir_anchors": "0"},  # not in the paper: our 512-anchor CIR against the full matrix
+    # not in the paper: this implementation's own choices against the alternatives
+    "CIR over all rows": {"cir_anchors": "0"},  # our 512-anchor CIR against the full matrix
+    "FE sum over heads": {"fe_mean": "false"},  # the paper's formula, against our mean over the user heads
+    "FE on layer inputs": {"fe_layers": "inputs"},  # what the published code projects, against layer outputs
 }
 PAPER_AUC = {"inttower": 0.8974, "two_tower": 0.8697, "dat": 0.8712, "cold": 0.8836, "wide_deep": 0.8820,
              "deepfm": 0.8920, "dcn": 0.8964, "autoint": 0.8948}  # the paper's ML-1M table
@@ -84,6 +88,8 @@ def tune(args, passthrough, out):
     seed = int(args.seeds.split(",")[0])
     runs = []
     for name, variant, model, protocol, _, extra in plan(args, protocols=[args.tune_protocol], seeds=[seed]):
+        if variant != model:  # an ablation is trained with the setting chosen for its model
+            continue
         for setting in settings:
             runs.append((tuning_name(variant, setting, base), variant, model, protocol, seed,
                          extra + [a for k, v in setting for a in (f"--{k}", v)]))
@@ -101,6 +107,12 @@ def tune(args, passthrough, out):
     (out / f"tuning-{'-'.join(k for k, _ in keys)}.md").write_text("\n".join(lines) + "\n")
     say("chosen on validation AUC: " + "; ".join(f"{v}: {label(s)}" for v, s in best.items()))
     return {variant: [a for k, v in setting for a in (f"--{k}", v)] for variant, setting in best.items()}
+
+
+def with_settings(runs, chosen):
+    """Append each run's tuned arguments: its variant's, else (an ablation) those of its model."""
+    return [(name, variant, model, protocol, seed, extra + chosen.get(variant, chosen.get(model, [])))
+            for name, variant, model, protocol, seed, extra in runs]
 
 
 def plan(args, protocols=None, seeds=None):
@@ -305,10 +317,7 @@ def main():
     out = Path(args.results)
     if not args.report:
         args.done = {}
-        chosen = tune(args, rest, out)
-        runs = [(name, variant, model, protocol, seed, extra + chosen.get(variant, []))
-                for name, variant, model, protocol, seed, extra in plan(args)]
-        run_all(runs, rest, out, args.done)
+        run_all(with_settings(plan(args), tune(args, rest, out)), rest, out, args.done)
     report(out, latency=not args.no_latency)
 
 

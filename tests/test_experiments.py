@@ -72,3 +72,29 @@ def test_changed_ignores_where_a_run_was_trained(tmp_path):
     assert rx.changed(run, ["--lr", "0.002", "--data_dir", "data"]) == []
     assert rx.changed(run, ["--lr", "0.001"]) == ["lr 0.002 -> 0.001"]
     assert rx.changed(run, ["--lr", "0.002", "--dropout", "0.3"]) == ["dropout 0.1 -> 0.3"]
+
+
+def test_ablations_are_not_tuned_and_take_their_models_setting(tmp_path, monkeypatch):
+    """--ablations with --tune: the grid runs for the models only; every ablation gets its model's choice."""
+    trained = []
+
+    def fake_run_all(runs, passthrough, out, done=None):  # validation AUC 0.7 at lr 0.001, 0.6 otherwise
+        for name, variant, model, protocol, seed, extra in runs:
+            trained.append(variant)
+            (out / "runs" / name).mkdir(parents=True)
+            lr = extra[extra.index("--lr") + 1]
+            (out / "runs" / name / "metrics.json").write_text(json.dumps({"val_auc": 0.7 if lr == "0.001" else 0.6}))
+
+    monkeypatch.setattr(rx, "run_all", fake_run_all)
+    args = SimpleNamespace(models="inttower,lr", ablations=True, seeds="1,2", protocols="paper,temporal",
+                           tune=["lr=0.001,0.002"], tune_lr="", tune_protocol="temporal", done={},
+                           paper_data=None, temporal_data=None)
+    chosen = rx.tune(args, [], tmp_path)
+    assert sorted(trained) == ["inttower", "inttower", "lr", "lr"]
+    runs = rx.with_settings(rx.plan(args), chosen)
+    assert len(runs) == (2 + len(rx.ABLATIONS)) * 2 * 2
+    for name, variant, model, protocol, seed, extra in runs:
+        assert extra[-2:] == ["--lr", "0.001"], (name, extra)
+    ablation = next(r for r in runs if r[1] == "w/o CIR")
+    assert ablation[2] == "inttower" and ["--cir_weight", "0"] == ablation[5][-4:-2]
+
