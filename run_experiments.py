@@ -98,9 +98,11 @@ def tune(args, passthrough, out):
     best, lines = {}, ["# Hyper-parameter check", "", f"protocol `{args.tune_protocol}`, seed {seed}, validation AUC "
                        "(the test split is not looked at)", "", "| model | " + " | ".join(map(label, settings)) +
                        " | chosen |", "|---|" + "---|" * (len(settings) + 1)]
-    for variant in dict.fromkeys(r[1] for r in runs):
-        scores = {s: json.loads((out / "runs" / tuning_name(variant, s, base) / "metrics.json").read_text())["val_auc"]
-                  for s in settings}
+    metrics = lambda variant, s: out / "runs" / tuning_name(variant, s, base) / "metrics.json"  # noqa: E731
+    asked = list(dict.fromkeys(r[1] for r in runs))
+    earlier = [v for v in ORDER if v not in asked and all(metrics(v, s).exists() for s in settings)]
+    for variant in sorted(asked + earlier, key=lambda v: ORDER.index(v) if v in ORDER else len(ORDER)):
+        scores = {s: json.loads(metrics(variant, s).read_text())["val_auc"] for s in settings}
         best[variant] = max(settings, key=scores.get)
         lines.append(f"| {variant} | " + " | ".join(f"{scores[s]:.4f}" for s in settings) +
                      f" | {label(best[variant])} |")

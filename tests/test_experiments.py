@@ -80,6 +80,8 @@ def test_ablations_are_not_tuned_and_take_their_models_setting(tmp_path, monkeyp
 
     def fake_run_all(runs, passthrough, out, done=None):  # validation AUC 0.7 at lr 0.001, 0.6 otherwise
         for name, variant, model, protocol, seed, extra in runs:
+            if (out / "runs" / name / "metrics.json").exists():  # as run_all: a finished run is not repeated
+                continue
             trained.append(variant)
             (out / "runs" / name).mkdir(parents=True)
             lr = extra[extra.index("--lr") + 1]
@@ -98,3 +100,11 @@ def test_ablations_are_not_tuned_and_take_their_models_setting(tmp_path, monkeyp
     ablation = next(r for r in runs if r[1] == "w/o CIR")
     assert ablation[2] == "inttower" and ["--cir_weight", "0"] == ablation[5][-4:-2]
 
+
+    # a later sweep of one model rewrites the tuning table with the rows of the earlier one kept
+    trained.clear()
+    (tmp_path / "runs" / "tune-lr-lr0.001").rename(tmp_path / "old")
+    chosen = rx.tune(SimpleNamespace(**{**vars(args), "models": "lr", "ablations": False}), [], tmp_path)
+    assert trained == ["lr"] and set(chosen) == {"inttower", "lr"}
+    table = (tmp_path / "tuning-lr.md").read_text()
+    assert table.index("| lr |") < table.index("| inttower |")  # in the order of the results tables
