@@ -99,9 +99,8 @@ def tune(args, passthrough, out):
                        "(the test split is not looked at)", "", "| model | " + " | ".join(map(label, settings)) +
                        " | chosen |", "|---|" + "---|" * (len(settings) + 1)]
     metrics = lambda variant, s: out / "runs" / tuning_name(variant, s, base) / "metrics.json"  # noqa: E731
-    asked = list(dict.fromkeys(r[1] for r in runs))
-    earlier = [v for v in ORDER if v not in asked and all(metrics(v, s).exists() for s in settings)]
-    for variant in sorted(asked + earlier, key=lambda v: ORDER.index(v) if v in ORDER else len(ORDER)):
+    asked = {r[1] for r in runs}  # and the models tuned on this grid by an earlier sweep, in table order
+    for variant in [v for v in ORDER if v in asked or all(metrics(v, s).exists() for s in settings)]:
         scores = {s: json.loads(metrics(variant, s).read_text())["val_auc"] for s in settings}
         best[variant] = max(settings, key=scores.get)
         lines.append(f"| {variant} | " + " | ".join(f"{scores[s]:.4f}" for s in settings) +
