@@ -1,29 +1,30 @@
-"""Speed measurements behind the README's Performance tables (medians of several repeats).
+"""Speed measurements behind docs/performance.md (medians of several repeats).
 
     python benchmark.py train [--key value ...]   # our train step vs the published loop, same model & data
     python benchmark.py data  [--key value ...]   # preprocessing time; npz vs MindRecord loading
     python benchmark.py serve --run_dir RUN       # scoring N candidates: index MaxSim vs dot vs full model
     python benchmark.py profile [--key value ...] # MindSpore profiler: time per operator type of a train step
 
-Config keys (--data_path, --protocol, --model...) are those of train.py; the benchmark's own are
---repeats and --steps. Without --data_path the genuine ML-1M files of ../shared/data/ml-1m are
-used when present (all 1,000,209 ratings, protocol paper), else the generated sample.
+Config keys (--data_path, --protocol, --model...) are those of train.py and pick the data the same
+way (e.g. --data_path ../shared/data/ml-1m/ratings-all-users-no-timestamp.dat.gz --protocol paper for
+all 1,000,209 genuine ratings); the benchmark's own keys are --repeats and --steps.
 The result is printed as JSON at the end, on stdout; progress lines go to stderr.
 """
 import argparse
 import contextlib
 import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from get_dataset import load_dataset, tower_inputs
 from model_config import parse_args
+from runtime import batches, epoch_order, init_mindspore, train_step, trained_run
 from util import ROOT, UserError, median_ms, run_cli, say
-
-SHARED_ML1M = ROOT.parent / "shared" / "data" / "ml-1m" / "ratings-all-users-no-timestamp.dat.gz"
 
 
 def machine():
@@ -36,138 +37,145 @@ def machine():
             "numpy": np.__version__}
 
 
-def default_data(cfg, overrides):
-    if "data_path" not in overrides and "dataset" not in overrides and SHARED_ML1M.exists():
-        cfg = cfg.replace(data_path=str(SHARED_ML1M), protocol="paper" if "protocol" not in overrides else cfg.protocol)
-    return cfg
-
-
 def timed(fn, steps):
     start = time.perf_counter()
     fn(steps)
     return (time.perf_counter() - start) / steps
 
 
-def bench_train(cfg, repeats, steps):
-    """Median seconds per step of (a) train.py's compiled step (TrainOneStepCell) fed whole numpy batches,
-    (c) the same with a functional value_and_grad + optimizer under ms.jit, and (b) a faithful
-    re-creation of the published MindSpore loop: PyNative, a per-row GeneratorDataset over pandas .iloc,
-    and sklearn's AUC of every batch. Same model, same data, alternating repeats in one process."""
+def endless_batches(arrays, names, cfg):
+    """Training batches as train.py feeds them, epoch after epoch."""
+    n, epoch = len(arrays["label"]), 0
+    while True:
+        yield from batches(arrays, names + ["label"], cfg.batch_size, epoch_order(cfg.seed, epoch, n))
+        epoch += 1
+
+
+def compiled_loop(step_fn, net, feed):
+    """run(k): k steps of `step_fn` on the next batches of `feed`, waiting for the last one."""
+    def run(k):
+        net.set_train(True)
+        for _ in range(k):
+            loss = step_fn(*next(feed))
+        loss.asnumpy()
+    return run
+
+
+def functional_step(model, cfg):
+    """The functional alternative to TrainOneStepCell: value_and_grad + optimizer under ms.jit (GRAPH_MODE)."""
     import mindspore as ms
-    import mindspore.dataset as ds
-    import pandas as pd
-    from mindspore import nn, ops
-    from sklearn.metrics import roc_auc_score
-    import train
-    from get_dataset import load_dataset
-    from model import LossCell, build_model
-
-    train.init_mindspore(cfg)
-    data = load_dataset(cfg)
-    arrays = data.split("train")
-    names = data.meta["inputs"]
-    n = len(arrays["label"])
-    bs = cfg.batch_size
-
-    def endless_batches():
-        epoch = 0
-        while True:
-            yield from train.batches(arrays, names + ["label"], bs, train.epoch_order(cfg.seed, epoch, n))
-            epoch += 1
-
-    def loop(step_fn, net):
-        feed = endless_batches()
-
-        def run(k):
-            net.set_train(True)
-            for _ in range(k):
-                loss = step_fn(*next(feed))
-            loss.asnumpy()
-        return run
-
-    # (a) ours: TrainOneStepCell in GRAPH_MODE
-    model = build_model(data.meta, cfg)
-    ours = loop(nn.TrainOneStepCell(LossCell(model), nn.Adam(model.trainable_params(), learning_rate=cfg.lr)), model)
-
-    # (c) the functional alternative: value_and_grad + optimizer under ms.jit (GRAPH_MODE)
-    fn_model = build_model(data.meta, cfg)
-    fn_opt = nn.Adam(fn_model.trainable_params(), learning_rate=cfg.lr)
-    fn_grad = ms.value_and_grad(LossCell(fn_model), None, fn_opt.parameters)
+    from mindspore import nn
+    from model import LossCell
+    optimizer = nn.Adam(model.trainable_params(), learning_rate=cfg.lr)
+    grad = ms.value_and_grad(LossCell(model), None, optimizer.parameters)
 
     @ms.jit
-    def fn_step(*batch):
-        loss, grads = fn_grad(*batch)
-        fn_opt(grads)
+    def step(*batch):
+        loss, grads = grad(*batch)
+        optimizer(grads)
         return loss
+    return step
 
-    functional = loop(fn_step, fn_model)
 
-    # (b) the published loop: one float row per sample (pandas), columns sliced and cast in the model call
-    widths = [arrays[k].reshape(n, -1).shape[1] for k in names]
-    frame = pd.DataFrame(np.concatenate([arrays[k].reshape(n, -1).astype(np.float64) for k in names], 1))
-    labels = pd.Series(arrays["label"])
+class RowDataset:
+    """One float row per sample from pandas .iloc, as the published util.MyDataset."""
 
-    class RowDataset:  # as the published util.MyDataset
-        def __getitem__(self, i):
-            return frame.iloc[i], ms.Tensor(labels.iloc[i], dtype=ms.float32)
+    def __init__(self, frame, labels):
+        self.frame, self.labels = frame, labels
 
-        def __len__(self):
-            return n
+    def __getitem__(self, i):
+        import mindspore as ms
+        return self.frame.iloc[i], ms.Tensor(self.labels.iloc[i], dtype=ms.float32)
 
-    int_inputs = {k for k in names if arrays[k].dtype.kind == "i"}
+    def __len__(self):
+        return len(self.labels)
 
-    def forward(rows, y):
+
+class PublishedLoop:
+    """A faithful re-creation of the published MindSpore loop: PyNative, a per-row GeneratorDataset
+    (RowDataset; columns sliced and cast in the model call), sklearn's AUC of every batch."""
+
+    def __init__(self, meta, arrays, cfg):
+        import pandas as pd
+        self.meta, self.cfg, self.names = meta, cfg, meta["inputs"]
+        self.n = n = len(arrays["label"])
+        self.widths = [arrays[k].reshape(n, -1).shape[1] for k in self.names]
+        self.int_inputs = {k for k in self.names if arrays[k].dtype.kind == "i"}
+        self.rows = RowDataset(pd.DataFrame(np.concatenate([arrays[k].reshape(n, -1).astype(np.float64)
+                                                            for k in self.names], 1)), pd.Series(arrays["label"]))
+        self.model = self.iterator = self.first = None
+
+    def forward(self, rows, y):
+        import mindspore as ms
+        from mindspore import ops
         cols, start = [], 0
-        for k, w in zip(names, widths):
-            cols.append(ms.Tensor(rows[:, start:start + w], dtype=ms.int32 if k in int_inputs else ms.float32))
+        for k, w in zip(self.names, self.widths):
+            cols.append(ms.Tensor(rows[:, start:start + w], dtype=ms.int32 if k in self.int_inputs else ms.float32))
             start += w
-        logits, extras = pub["model"].forward(*cols)
+        logits, extras = self.model.forward(*cols)
         loss = ops.binary_cross_entropy_with_logits(logits, y, ops.ones_like(y), ops.ones_like(y))
-        if pub["model"].has_aux:
-            loss = loss + pub["model"].aux_loss(extras, y)
+        if self.model.has_aux:
+            loss = loss + self.model.aux_loss(extras, y)
         return loss, logits
 
-    pub = {}
-
-    def start_published():
+    def start(self):
         """A fresh pipeline and its first batch, outside the timing. The pipeline prefetches up to 16 batches
         in background threads: it is stopped after each repeat, or it would run during the other loops'
         timing (slowing them down) and hand the next repeat a full queue (speeding it up)."""
-        dataset = ds.GeneratorDataset(RowDataset(), column_names=["data", "label"], shuffle=True).batch(bs)
-        pub["it"] = dataset.create_dict_iterator(num_epochs=1)
-        pub["first"] = next(pub["it"])
+        import mindspore.dataset as ds
+        dataset = ds.GeneratorDataset(self.rows, column_names=["data", "label"], shuffle=True)
+        dataset = dataset.batch(self.cfg.batch_size)
+        self.iterator = dataset.create_dict_iterator(num_epochs=1)
+        self.first = next(self.iterator)
 
-    def published(k):
+    def __call__(self, k):
+        import mindspore as ms
+        from mindspore import nn
+        from sklearn.metrics import roc_auc_score
+        from model import build_model
         ms.set_context(mode=ms.PYNATIVE_MODE)
-        if "model" not in pub:  # built in PyNative mode, as the published train.py does
-            pub["model"] = build_model(data.meta, cfg)
-            pub["opt"] = nn.Adam(pub["model"].trainable_params(), learning_rate=cfg.lr)
-            pub["grad"] = ms.value_and_grad(forward, None, pub["opt"].parameters, has_aux=True)
-        pub["model"].set_train(True)
+        if self.model is None:  # built in PyNative mode, as the published train.py does
+            self.model = build_model(self.meta, self.cfg)
+            self.optimizer = nn.Adam(self.model.trainable_params(), learning_rate=self.cfg.lr)
+            self.grad = ms.value_and_grad(self.forward, None, self.optimizer.parameters, has_aux=True)
+        self.model.set_train(True)
         for step in range(k):
-            batch = pub.pop("first") if step == 0 else next(pub["it"])
-            (loss, logits), grads = pub["grad"](batch["data"], batch["label"])
-            pub["opt"](grads)
+            batch = self.first if step == 0 else next(self.iterator)
+            (loss, logits), grads = self.grad(batch["data"], batch["label"])
+            self.optimizer(grads)
             roc_auc_score(batch["label"].asnumpy().astype(int), logits.asnumpy())
-        pub["it"].stop()
+        self.iterator.stop()
         ms.set_context(mode=ms.GRAPH_MODE)
 
+
+def bench_train(cfg, repeats, steps):
+    """Median seconds per step of (a) train.py's compiled step (TrainOneStepCell) fed whole numpy batches,
+    (c) the same with a functional value_and_grad + optimizer under ms.jit, and (b) the published loop
+    (PublishedLoop). Same model, same data, alternating repeats in one process."""
+    from model import build_model
+    init_mindspore(cfg)
+    data = load_dataset(cfg)
+    arrays, meta = data.arrays("train"), data.meta
+    model, fn_model = build_model(meta, cfg), build_model(meta, cfg)
+    ours = compiled_loop(train_step(model, cfg), model, endless_batches(arrays, meta["inputs"], cfg))
+    functional = compiled_loop(functional_step(fn_model, cfg), fn_model, endless_batches(arrays, meta["inputs"], cfg))
+    published = PublishedLoop(meta, arrays, cfg)
     say("warming up (compilation, first batches)")
     ours(3)
     functional(3)
-    start_published()
+    published.start()
     published(2)
     ours_s, fn_s, pub_s = [], [], []
     for r in range(repeats):
         ours_s.append(timed(ours, steps))
         fn_s.append(timed(functional, steps))
-        start_published()
+        published.start()
         pub_s.append(timed(published, max(5, steps // 5)))
         say(f"repeat {r + 1}/{repeats}: TrainOneStepCell {ours_s[-1] * 1000:.0f} ms/step, value_and_grad+jit "
             f"{fn_s[-1] * 1000:.0f} ms/step, published loop {pub_s[-1] * 1000:.0f} ms/step")
-    ours_med, pub_med = statistics.median(ours_s), statistics.median(pub_s)
+    bs, ours_med, pub_med = cfg.batch_size, statistics.median(ours_s), statistics.median(pub_s)
     ratios = [p / o for p, o in zip(pub_s, ours_s)]
-    return {"what": "train", "data": f"{data.meta['dataset']}/{data.meta['protocol']} ({n:,} training rows)",
+    return {"what": "train", "data": f"{meta['dataset']}/{meta['protocol']} ({published.n:,} training rows)",
             "model": cfg.model, "batch_size": bs, "repeats": repeats, "steps_per_repeat": steps,
             "ours_ms_per_step": round(ours_med * 1000, 1), "ours_samples_per_s": round(bs / ours_med),
             "value_and_grad_jit_ms_per_step": round(statistics.median(fn_s) * 1000, 1),
@@ -182,15 +190,16 @@ def bench_data(cfg, repeats):
     import tempfile
     import get_dataset as gd
     name, path = gd.resolve_source(cfg)
+    cfg = cfg.replace(protocol=gd.resolve_protocol(cfg, name, path))
     build_s = []
     for _ in range(repeats):
         start = time.perf_counter()
-        raw = gd.read_raw(name, path)
+        raw = gd.read_movielens(name, path)
         gd.build(raw, cfg)
         build_s.append(time.perf_counter() - start)
         say(f"preprocess {len(raw.ratings):,} ratings: {build_s[-1]:.2f} s")
     data = gd.load_dataset(cfg, quiet=True)
-    arrays = data.split("train")
+    arrays = data.arrays("train")
     tmp = Path(tempfile.mkdtemp())
     try:
         from mindspore.mindrecord import FileWriter
@@ -207,7 +216,7 @@ def bench_data(cfg, repeats):
         npz_s, mr_s = [], []
         for _ in range(repeats):
             start = time.perf_counter()
-            data.split("train")
+            data.arrays("train")
             npz_s.append(time.perf_counter() - start)
             start = time.perf_counter()
             dataset = ds.MindDataset(str(tmp / "train.mindrecord"), shuffle=False)
@@ -246,19 +255,13 @@ def bench_profile(cfg, steps):
     import csv
     import shutil
     import tempfile
-    import mindspore as ms
-    from mindspore import nn
-    import train
-    from get_dataset import load_dataset
-    from model import LossCell, build_model
-    train.init_mindspore(cfg)
+    from model import build_model
+    ms = init_mindspore(cfg)
     data = load_dataset(cfg)
-    arrays, names = data.split("train"), data.meta["inputs"]
     model = build_model(data.meta, cfg)
-    step = nn.TrainOneStepCell(LossCell(model), nn.Adam(model.trainable_params(), learning_rate=cfg.lr))
+    step = train_step(model, cfg)
     step.set_train(True)
-    order = train.epoch_order(cfg.seed, 0, len(arrays["label"]))
-    feed = train.batches(arrays, names + ["label"], cfg.batch_size, order)
+    feed = endless_batches(data.arrays("train"), data.meta["inputs"], cfg)
     step(*next(feed)).asnumpy()  # compile outside the profile
     out = Path(tempfile.mkdtemp())
     try:
@@ -292,17 +295,15 @@ def bench_serve(cfg, repeats, sizes=(1_000, 10_000, 100_000)):
     The index is the catalogue repeated to N rows: timing depends on shapes, not on values."""
     import mindspore as ms
     from mindspore import nn
-    from infer import Scorer, head_major, maxsim, maxsim_buffers
+    from scorer import Scorer, maxsim, maxsim_buffers, tiled_index
     if not cfg.run_dir:
         raise UserError("benchmark.py serve needs --run_dir RUN (a trained IntTower run)")
     export = Path(cfg.run_dir) / "export"
     if not (export / "manifest.json").exists():
-        from export import export_run
-        export_run(cfg.replace(run_dir=cfg.run_dir), {"run_dir"})
-    import get_dataset
-    from eval import load_run
-    _, _, run_cfg, meta = load_run(cfg.replace(run_dir=cfg.run_dir), {"run_dir"})
-    catalog = get_dataset.load_dataset(run_cfg, quiet=True).catalog("items")
+        subprocess.run([sys.executable, str(ROOT / "export.py"), "--run_dir", cfg.run_dir], cwd=ROOT, check=True,
+                       stdout=sys.stderr)
+    _, _, run_cfg, meta = trained_run(cfg, {"run_dir"})
+    catalog = load_dataset(run_cfg, quiet=True).arrays("items")
     scorer = Scorer(export)
     full = nn.GraphCell(ms.load(str(export / "model.mindir")))
     items = scorer.index[:-1]
@@ -313,14 +314,14 @@ def bench_serve(cfg, repeats, sizes=(1_000, 10_000, 100_000)):
 
     rows = []
     for n in sizes:
-        index = head_major(np.resize(items, (n, *items.shape[1:])))  # (H, n, p) float32, contiguous
+        index = tiled_index(scorer, n)  # (H, n, p) float32, contiguous
         index16 = index.astype(np.float16)
         buffers = maxsim_buffers(user, index)
         dot_index = np.random.default_rng(0).normal(size=(n, dot_dim)).astype(np.float32)
         dot_user = np.random.default_rng(1).normal(size=dot_dim).astype(np.float32)
         rows_idx = np.resize(np.arange(len(items)), n)
-        pair_inputs = [ms.Tensor(np.repeat(user_inputs[k], n, 0)) for k in meta["inputs"][:2]] + \
-                      [ms.Tensor(catalog[k][rows_idx]) for k in meta["inputs"][2:]]
+        pair_inputs = [ms.Tensor(np.repeat(user_inputs[k], n, 0)) for k in tower_inputs(meta["towers"], "user")] + \
+                      [ms.Tensor(catalog[k][rows_idx]) for k in tower_inputs(meta["towers"], "item")]
         r = max(5, repeats * 10 if n <= 10_000 else repeats * 2)
         row = {"candidates": n,
                "maxsim_ms": median_ms(lambda: maxsim(user, index, buffers), r),
@@ -344,12 +345,11 @@ def main():
     own.add_argument("--repeats", type=int, default=5)
     own.add_argument("--steps", type=int, default=30)
     args, rest = own.parse_known_args()
-    cfg, overrides = parse_args(rest, prog=f"benchmark.py {args.what}", description=__doc__.split("\n\n")[0])
+    cfg, _ = parse_args(rest, prog=f"benchmark.py {args.what}", description=__doc__.split("\n\n")[0])
     with contextlib.redirect_stdout(sys.stderr):  # progress lines to stderr: stdout is the JSON result alone
         if args.what == "serve":
             result = bench_serve(cfg, args.repeats)
         else:
-            cfg = default_data(cfg, overrides)
             result = {"train": lambda: bench_train(cfg, args.repeats, args.steps),
                       "data": lambda: bench_data(cfg, args.repeats),
                       "profile": lambda: bench_profile(cfg, args.steps)}[args.what]()

@@ -3,7 +3,7 @@
     python export.py --run_dir runs/RUN                    # writes runs/RUN/export/
     python export.py --run_dir runs/RUN --output_dir serving/ --last_layer_only
 
-Files written (see README, "Export"):
+Files written (see README, "Export and serving"):
   model.mindir        all input arrays -> click probability (B,)        (what the published export gives)
   user_tower.mindir   user arrays -> the user's representation (B, L, H, p) for FE (B, d for dot)
   item_tower.mindir   item arrays -> the item's representation (B, H, p) for FE (B, d for dot)
@@ -25,10 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
+from get_dataset import load_dataset, tower_inputs, unknown_inputs
 from model_config import parse_args
+from runtime import load_checkpoint, load_model, trained_run
 from util import UserError, md5_bytes, md5_file, run_cli, say, write_json
 
-EXPORT_KEYS = {"last_layer_only", "output_dir"}
 ONNX_BATCH = {"model": 256, "user_tower": 1, "item_tower": 256}  # ONNX graphs have a fixed batch
 
 
@@ -67,81 +68,91 @@ def example_inputs(names, arrays):
                       else ms.float32) for k in names]
 
 
-def export_run(cfg, overrides=frozenset()):
-    from eval import load_run
-    from train import init_mindspore, load_checkpoint
-    from get_dataset import load_dataset
-    run_dir, checkpoint, run_cfg, meta = load_run(cfg, set(overrides) - EXPORT_KEYS)
-    init_mindspore(run_cfg)
-    from model import build_model, model_config
-    model_cfg = model_config(run_cfg)
-    model = build_model(meta, run_cfg)
+def trained_model(cfg, overrides):
+    """The run's model with its checkpoint loaded, reduced to its last user layer if --last_layer_only asks;
+    returns (model, run directory, checkpoint, run config, data meta, truncated)."""
+    # --last_layer_only is export's own option (applied to the trained model below), not a change of the run
+    run_dir, checkpoint, run_cfg, meta = trained_run(cfg, set(overrides) - {"last_layer_only"})
+    model = load_model(meta, run_cfg)
     if not model.decoupled:
         raise UserError(f"model {run_cfg.model} couples user and item features: only decoupled models "
                         f"(inttower with interaction fe or dot, two_tower, dat) have towers and an item index")
     load_checkpoint(model, checkpoint)
-    truncated = False
-    if "last_layer_only" in overrides and cfg.last_layer_only and not model_cfg.last_layer_only:
+    truncated = "last_layer_only" in overrides and cfg.last_layer_only and not run_cfg.for_model().last_layer_only
+    if truncated:
         if model.scoring != "maxsim":
             raise UserError("--last_layer_only applies to the FE-Block interaction only")
         model.fe.keep_last_layer_only()
-        truncated = True
         say("WARNING: exporting the last user layer only (accelerated variant): scores differ from the trained "
             "model; train with --last_layer_only to serve exactly what was trained")
     model.set_train(False)
+    return model, run_dir, checkpoint, run_cfg, meta, truncated
+
+
+def item_index(model, items, meta, batch_size):
+    """float32 (N + 1, ...) item representations: every catalogue item through the item tower, then the
+    unknown (out-of-vocabulary) item."""
+    import mindspore as ms
+    names = tower_inputs(meta["towers"], "item")
+    unknown = unknown_inputs(meta["towers"], "item", meta["positive_rate"]["train"])
+    inputs = {k: np.concatenate([items[k], unknown[k]]) for k in names}
+    index = [model.item_representation(*[ms.Tensor(inputs[k][start:start + batch_size]) for k in names]).asnumpy()
+             for start in range(0, len(inputs[names[0]]), batch_size)]
+    return np.ascontiguousarray(np.concatenate(index).astype(np.float32))
+
+
+def export_graphs(model, folder, arrays, meta):
+    """MINDIR (dynamic batch) and ONNX (fixed batch) of the full model and of each tower; returns the
+    formats written per graph (and the reason, where the ONNX exporter failed)."""
+    cells, ms = tower_cells(model)
+    user, item = tower_inputs(meta["towers"], "user"), tower_inputs(meta["towers"], "item")
+    formats = {}
+    for name, inputs in (("model", user + item), ("user_tower", user), ("item_tower", item)):
+        ms.export(cells[name], *example_inputs(inputs, arrays), file_name=str(folder / name), file_format="MINDIR")
+        formats[name] = ["MINDIR"]
+        # MindSpore's ONNX exporter needs static shapes: a fixed batch per graph (see the manifest)
+        batch = ONNX_BATCH[name]
+        fixed = [ms.Tensor(np.resize(arrays[k], (batch, *arrays[k].shape[1:]))) for k in inputs]
+        try:
+            ms.onnx.export(cells[name], *fixed, file_name=str(folder / f"{name}.onnx"))
+            formats[name].append("ONNX")
+        except Exception as e:  # an operator the exporter does not know
+            formats[name + "_onnx_error"] = str(e).strip().splitlines()[0][:200]
+            (folder / f"{name}.onnx").unlink(missing_ok=True)
+    return formats
+
+
+def export_run(cfg, overrides=frozenset()):
+    """Write the export folder (default RUN/export) under a temporary name; it replaces the old one only
+    once every file is written."""
+    import mindspore as ms
+    model, run_dir, checkpoint, run_cfg, meta, truncated = trained_model(cfg, overrides)
     out = Path(cfg.output_dir) if "output_dir" in overrides else run_dir / "export"
     data = load_dataset(run_cfg, quiet=True)
-    users, items = data.catalog("users"), data.catalog("items")
-    cells, ms = tower_cells(model)
-    names = meta["inputs"]
-    n_user = model.n_user_inputs
-    arrays = {**users, **items}
-
-    # the item index: every catalogue movie through the item tower, then the out-of-vocabulary item
-    oov = {k: np.zeros((1, *items[k].shape[1:]), items[k].dtype) for k in names[n_user:]}
-    for k in names[n_user:]:
-        if k.endswith("_dense"):
-            oov[k][:] = meta["positive_rate"]["train"]  # no history: the prior, as get_dataset.py does
-    item_inputs = {k: np.concatenate([items[k], oov[k]]) for k in names[n_user:]}
-    index = []
-    for start in range(0, len(item_inputs[names[n_user]]), run_cfg.eval_batch_size):
-        chunk = [ms.Tensor(item_inputs[k][start:start + run_cfg.eval_batch_size]) for k in names[n_user:]]
-        index.append(model.item_representation(*chunk).asnumpy())
-    index = np.ascontiguousarray(np.concatenate(index).astype(np.float32))
-
+    users, items = data.arrays("users"), data.arrays("items")
+    index = item_index(model, items, meta, run_cfg.eval_batch_size)
+    user_inputs, item_inputs = tower_inputs(meta["towers"], "user"), tower_inputs(meta["towers"], "item")
     tmp = out.with_name(f".{out.name}.tmp-{int(time.time())}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        formats = {}
-        for name, inputs in (("model", names), ("user_tower", names[:n_user]), ("item_tower", names[n_user:])):
-            ms.export(cells[name], *example_inputs(inputs, arrays), file_name=str(tmp / name), file_format="MINDIR")
-            formats[name] = ["MINDIR"]
-            # MindSpore's ONNX exporter needs static shapes: a fixed batch per graph (see the manifest)
-            batch = ONNX_BATCH[name]
-            fixed = [ms.Tensor(np.resize(arrays[k], (batch, *arrays[k].shape[1:]))) for k in inputs]
-            try:
-                ms.onnx.export(cells[name], *fixed, file_name=str(tmp / f"{name}.onnx"))
-                formats[name].append("ONNX")
-            except Exception as e:  # an operator the exporter does not know
-                formats[name + "_onnx_error"] = str(e).strip().splitlines()[0][:200]
-                (tmp / f"{name}.onnx").unlink(missing_ok=True)
+        formats = export_graphs(model, tmp, {**users, **items}, meta)
         np.save(tmp / "item_index.npy", index)
         np.save(tmp / "item_ids.npy", items["key"].astype(np.int64))
         np.savez(tmp / "users.npz", **users)
-        np.savez(tmp / "vocab.npz", **data.catalog("vocab"))
+        np.savez(tmp / "vocab.npz", **data.arrays("vocab"))
         (tmp / "titles.json").write_text(json.dumps([str(t) for t in items["title"]]))
-        user_shape = list(model.user_representation(*[ms.Tensor(users[k][:1]) for k in names[:n_user]]).shape[1:])
+        user_shape = list(model.user_representation(*[ms.Tensor(users[k][:1]) for k in user_inputs]).shape[1:])
         manifest = {
             "created": time.strftime("%Y-%m-%d %H:%M:%S"), "run_dir": str(run_dir), "checkpoint": str(checkpoint),
             "checkpoint_md5": md5_file(checkpoint), "model": run_cfg.model, "config": run_cfg.to_dict(),
-            "scoring": model.scoring, "last_layer_only": bool(model_cfg.last_layer_only or truncated),
-            "truncated_to_last_layer": truncated,
+            "scoring": model.scoring, "last_layer_only": bool(run_cfg.for_model().last_layer_only or truncated),
+            "truncated_to_last_layer": bool(truncated),
             "score_bias": float(model.bias.asnumpy()), "prior": meta["positive_rate"]["train"],
             "user_shape": user_shape,
             "item_shape": list(index.shape[1:]), "items": int(len(items["key"])), "oov_row": int(len(items["key"])),
-            "dataset": meta["dataset"], "protocol": meta["protocol"], "towers": meta["towers"], "inputs": names,
-            "user_inputs": names[:n_user], "item_inputs": names[n_user:], "formats": formats, "onnx_batch": ONNX_BATCH,
+            "dataset": meta["dataset"], "protocol": meta["protocol"], "towers": meta["towers"], "inputs": meta["inputs"],
+            "user_inputs": user_inputs, "item_inputs": item_inputs, "formats": formats, "onnx_batch": ONNX_BATCH,
             "vocab_md5": md5_bytes((tmp / "vocab.npz").read_bytes()),
             "files": {p.name: md5_file(p) for p in sorted(tmp.iterdir())},
         }

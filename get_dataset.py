@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from model_config import Config, parse_args
+from model_config import keys_of, parse_args
 from util import ROOT, UserError, atomic_dir, atomic_write, md5_bytes, md5_file, read_json, run_cli, say, write_json
 
 FORMAT_VERSION = 1
@@ -214,44 +214,47 @@ def _check_ratings(shown, ratings, users, movies):
             raise UserError(f"{shown} line {line + 1}: {key} {ratings[key].iat[line]} is not in the {name} file")
 
 
-def read_ml1m(path):
-    """ML-1M: ratings.dat[.gz] (3 or 4 columns), users.dat, movies.dat (latin-1), '::'-separated."""
-    files = Files(path)
-    ratings_file, users_file, movies_file = SOURCES["ml-1m"]
-    shown, data = files.read(ratings_file, ratings=True)
-    ratings = parse_table(shown, data, "::", ["user", "item", "rating", "timestamp"],
-                          numeric=("user", "item", "rating", "timestamp"), optional=1)
-    shown_u, data = files.read(users_file)
-    users = parse_table(shown_u, data, "::", ["user", "gender", "age", "occupation", "zip"],
-                        numeric=("user", "age", "occupation"))
-    shown_m, data = files.read(movies_file)
-    movies = parse_table(shown_m, data, "::", ["item", "title", "genres"], numeric=("item",))
-    _check_ratings(shown, ratings, users, movies)
-    return Raw("ml-1m", ratings, users, movies, files.sources)
+@dataclass(frozen=True)
+class Format:
+    """One MovieLens file format: the separators of its ratings, users and movies files and their columns."""
+    sep: tuple
+    user_columns: list
+    user_numeric: tuple
+    movie_columns: list
+    one_hot_genres: bool  # ML-100K: the last 19 movie columns are genre flags (ML-1M: a '|'-joined column)
 
 
-def read_ml100k(path):
-    """ML-100K: u.data (tab), u.user and u.item ('|', latin-1, 19 one-hot genre columns)."""
-    files = Files(path)
-    ratings_file, users_file, movies_file = SOURCES["ml-100k"]
+FORMATS = {
+    "ml-1m": Format(("::", "::", "::"), ["user", "gender", "age", "occupation", "zip"], ("user", "age", "occupation"),
+                    ["item", "title", "genres"], False),
+    "ml-100k": Format(("\t", "|", "|"), ["user", "age", "gender", "occupation", "zip"], ("user", "age"),
+                      ["item", "title", "release", "video_release", "url"] + [f"g{i}" for i in range(19)], True),
+}
+FORMATS["synthetic"] = FORMATS["ml-1m"]  # the generated sample is written in the ML-1M format
+
+
+def read_movielens(name, path):
+    """The three tables of an ML-1M or ML-100K release (ratings with 3 or 4 columns), normalised to
+    ML-1M's: ML-100K ages are mapped onto ML-1M's age groups and its one-hot genres joined by '|'."""
+    fmt, files = FORMATS[name], Files(path)
+    ratings_file, users_file, movies_file = SOURCES[name]
     shown, data = files.read(ratings_file, ratings=True)
-    ratings = parse_table(shown, data, "\t", ["user", "item", "rating", "timestamp"],
+    ratings = parse_table(shown, data, fmt.sep[0], ["user", "item", "rating", "timestamp"],
                           numeric=("user", "item", "rating", "timestamp"), optional=1)
     shown_u, data = files.read(users_file)
-    users = parse_table(shown_u, data, "|", ["user", "age", "gender", "occupation", "zip"],
-                        numeric=("user", "age"))
-    users["age"] = np.asarray(ML1M_AGES)[np.searchsorted([18, 25, 35, 45, 50, 56], users["age"], "right")]
+    users = parse_table(shown_u, data, fmt.sep[1], fmt.user_columns, numeric=fmt.user_numeric)
     shown_m, data = files.read(movies_file)
-    cols = ["item", "title", "release", "video_release", "url"] + [f"g{i}" for i in range(19)]
-    # release dates and URLs may be empty in u.item: fill them before the empty-field check
-    data = re.sub(rb"\|(?=\|)", b"|-", data)
-    movies = parse_table(shown_m, data, "|", cols, numeric=["item"] + cols[5:])
-    flags = movies[cols[5:]].to_numpy() == 1
-    names = np.asarray(ML100K_GENRES, dtype=object)
-    movies["genres"] = ["|".join(names[row]) or "unknown" for row in flags]
-    movies = movies[["item", "title", "genres"]]
+    flags = fmt.movie_columns[-len(ML100K_GENRES):] if fmt.one_hot_genres else []
+    if flags:  # release dates and URLs may be empty in u.item: fill them before the empty-field check
+        data = re.sub(rb"\|(?=\|)", b"|-", data)
+    movies = parse_table(shown_m, data, fmt.sep[2], fmt.movie_columns, numeric=["item"] + flags)
+    if flags:
+        users["age"] = np.asarray(ML1M_AGES)[np.searchsorted([18, 25, 35, 45, 50, 56], users["age"], "right")]
+        names = np.asarray(ML100K_GENRES, dtype=object)
+        movies["genres"] = ["|".join(names[row]) or "unknown" for row in movies[flags].to_numpy() == 1]
+    users, movies = users[FORMATS["ml-1m"].user_columns], movies[["item", "title", "genres"]]
     _check_ratings(shown, ratings, users, movies)
-    return Raw("ml-100k", ratings, users[["user", "gender", "age", "occupation", "zip"]], movies, files.sources)
+    return Raw(name, ratings, users, movies, files.sources)
 
 
 # ================================================================ the generated sample
@@ -310,16 +313,22 @@ def generate_synthetic(out_dir, n_users=3000, n_items=1000, mean_ratings=50, see
     rating = 1 + np.searchsorted(np.quantile(z, [0.056, 0.164, 0.425, 0.774]), z)
     timestamp = (t0 + t * span).astype(np.int64)
 
+    return _write_sample(out_dir, users_idx + 1, items_idx + 1, rating, timestamp, gender, age, occupation, zips,
+                         item_genres)
+
+
+def _write_sample(out_dir, users, items, rating, timestamp, gender, age, occupation, zips, item_genres):
+    """ratings.dat, users.dat and movies.dat of the generated sample, '::'-separated, latin-1, as ML-1M's."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ratings = pd.DataFrame({"u": users_idx + 1, "i": items_idx + 1, "r": rating, "t": timestamp})
+    ratings = pd.DataFrame({"u": users, "i": items, "r": rating, "t": timestamp})
     _write_dat(out / "ratings.dat", ratings)
-    _write_dat(out / "users.dat", pd.DataFrame({"u": np.arange(1, n_users + 1), "g": gender, "a": age,
+    _write_dat(out / "users.dat", pd.DataFrame({"u": np.arange(1, len(gender) + 1), "g": gender, "a": age,
                                                  "o": occupation, "z": zips}))
-    titles = [f"Synthetic Movie {i + 1} ({1950 + i % 50})" for i in range(n_items)]
+    titles = [f"Synthetic Movie {i + 1} ({1950 + i % 50})" for i in range(len(item_genres))]
     titles[0] = "Café Société: Ça commence (1999)"  # latin-1, as in the real movies.dat
     genres = ["|".join(ML1M_GENRES[g] for g in gs) for gs in item_genres]
-    _write_dat(out / "movies.dat", pd.DataFrame({"i": np.arange(1, n_items + 1), "t": titles, "g": genres}))
+    _write_dat(out / "movies.dat", pd.DataFrame({"i": np.arange(1, len(item_genres) + 1), "t": titles, "g": genres}))
     return out
 
 
@@ -382,12 +391,17 @@ def download(name, data_dir, base_url=""):
 
 # ================================================================ resolving what to read
 
+def data_root(cfg):
+    """--data_dir, relative to the project folder unless absolute."""
+    return Path(cfg.data_dir) if Path(cfg.data_dir).is_absolute() else ROOT / cfg.data_dir
+
+
 def resolve_source(cfg):
     """(dataset name, path) to read, downloading or generating as the config asks.
 
     `--dataset auto` uses ML-1M when its files are found (or downloaded) and otherwise says so in one
     line and falls back to the generated sample; an explicitly requested data set must exist."""
-    data_dir = Path(cfg.data_dir) if Path(cfg.data_dir).is_absolute() else ROOT / cfg.data_dir
+    data_dir = data_root(cfg)
     if cfg.dataset == "synthetic":
         return "synthetic", Path(cfg.data_path) if cfg.data_path else synthetic_path(cfg, data_dir)
     if cfg.data_path:
@@ -426,22 +440,16 @@ def synthetic_path(cfg, data_dir):
     return path
 
 
-def read_raw(name, path):
-    raw = read_ml100k(path) if name == "ml-100k" else read_ml1m(path)
-    raw.name = name
-    return raw
-
-
 # ================================================================ features and splits
 
-def resolve_protocol(cfg, has_timestamp):
-    protocol = cfg.protocol
-    if protocol == "auto":
-        protocol = "temporal" if has_timestamp else "random"
+def resolve_protocol(cfg, name, path):
+    """--protocol, with auto resolved from the ratings file's first line: temporal when it has a timestamp
+    column, else random. A temporal split of a file without timestamps is refused."""
+    first = Files(path).first_line(SOURCES[name][0], ratings=True)
+    has_timestamp = len(first.split(FORMATS[name].sep[0].encode())) >= 4
+    protocol = cfg.protocol if cfg.protocol != "auto" else ("temporal" if has_timestamp else "random")
     if protocol == "temporal" and not has_timestamp:
-        raise UserError("protocol 'temporal' splits by time, but this ratings file has no timestamp column "
-                        "(UserID::MovieID::Rating): use --protocol random or paper, or a ratings file "
-                        "with timestamps")
+        raise UserError(NO_TIMESTAMP)
     return protocol
 
 
@@ -497,28 +505,29 @@ def genre_matrix(genres, fit_mask):
     return ids, mask, vocab
 
 
-def build(raw, cfg):
-    """Split the ratings, fit vocabularies and statistics as the protocol says, and return
-    (meta, {split: arrays}, {"users": table, "items": table, "vocab": arrays})."""
-    protocol = resolve_protocol(cfg, raw.has_timestamp)
+NO_TIMESTAMP = ("protocol 'temporal' splits by time, but this ratings file has no timestamp column "
+                "(UserID::MovieID::Rating): use --protocol random or paper, or a ratings file with timestamps")
+
+
+def data_options(cfg):
+    """The data-preparation keys of the config (model_config role 'data') besides protocol and seed,
+    which name the cache folder: part of the cache key and of meta.json."""
+    return {k: getattr(cfg, k) for k in sorted(keys_of("data") - {"protocol", "seed"})}
+
+
+def labelled(raw, cfg):
+    """The ratings that get a label (the neutral rating dropped if asked) and their labels."""
     r = raw.ratings
     if cfg.drop_neutral:
         r = r[r["rating"] != cfg.label_threshold]
     if len(r) == 0:
         raise UserError("no ratings left after dropping the neutral rating")
-    labels = (r["rating"].to_numpy() > cfg.label_threshold).astype(np.float32)
-    user_pos = pd.Index(raw.users["user"]).get_indexer(r["user"])
-    item_pos = pd.Index(raw.movies["item"]).get_indexer(r["item"])
-    timestamp = r["timestamp"].to_numpy() if raw.has_timestamp else None
-    splits = split_rows(len(r), protocol, cfg.seed, timestamp)
-    fit_rows = np.arange(len(r)) if protocol == "paper" else splits["train"]
-    n_users, n_items = len(raw.users), len(raw.movies)
-    user_seen = np.zeros(n_users, bool)
-    user_seen[user_pos[fit_rows]] = True
-    item_seen = np.zeros(n_items, bool)
-    item_seen[item_pos[fit_rows]] = True
+    return r, (r["rating"].to_numpy() > cfg.label_threshold).astype(np.float32)
 
-    # vocabularies: one per field, fit on the users/movies of the fitting rows; 0 = out of vocabulary
+
+def fit_fields(raw, cfg, user_seen, item_seen):
+    """Vocabularies of every field, fit on the users/movies seen in the fitting rows (0 = out of vocabulary);
+    returns the user fields' names, the encoded user and movie tables and the vocabularies."""
     users = raw.users
     user_fields = {"user_id": users["user"], "gender": users["gender"], "age": users["age"],
                    "occupation": users["occupation"]}
@@ -528,15 +537,24 @@ def build(raw, cfg):
     for name, values in user_fields.items():
         codes, vocab[name] = encode(values.to_numpy(), values.to_numpy()[user_seen])
         user_cols.append(codes)
-    user_sparse = np.stack(user_cols, 1)
-    item_codes, vocab["movie_id"] = encode(raw.movies["item"].to_numpy(), raw.movies["item"].to_numpy()[item_seen])
+    items = raw.movies["item"].to_numpy()
+    item_codes, vocab["movie_id"] = encode(items, items[item_seen])
     genre_ids, genre_mask, vocab["genres"] = genre_matrix(raw.movies["genres"].tolist(), item_seen)
+    tables = {"user_sparse": np.stack(user_cols, 1), "item_sparse": item_codes[:, None], "item_genres": genre_ids,
+              "item_genres_mask": genre_mask}
+    return list(user_fields), tables, vocab
 
-    # mean-rating features (mean label: the published code averages the binarised rating)
+
+def mean_features(protocol, splits, labels, user_pos, item_pos, n_users, n_items, mean_prior):
+    """Mean-label features (the published code averages the binarised rating): per split (rows, 2) of user
+    and item means, and the per-user and per-item means of the training rows (for the catalogue).
+
+    paper: every split from its own labels (the published leak). Leak-free protocols: training rows see
+    leave-one-out means, smoothed towards the training positive rate; val/test rows the training means."""
     train = splits["train"]
     prior = float(labels[train].mean())
     dense = {s: np.zeros((len(rows), 2), np.float32) for s, rows in splits.items()}
-    if protocol == "paper":  # each split from its own labels: the published leak
+    if protocol == "paper":
         for s, rows in splits.items():
             dense[s][:, 0] = target_means(user_pos, labels, n_users, rows, prior, 0)[0][user_pos[rows]]
             dense[s][:, 1] = target_means(item_pos, labels, n_items, rows, prior, 0)[0][item_pos[rows]]
@@ -544,28 +562,50 @@ def build(raw, cfg):
         item_mean = target_means(item_pos, labels, n_items, train, prior, 0)[0]
     else:
         user_mean, dense["train"][:, 0] = target_means(user_pos, labels, n_users, train, prior,
-                                                       cfg.mean_prior, leave_one_out=train)
+                                                       mean_prior, leave_one_out=train)
         item_mean, dense["train"][:, 1] = target_means(item_pos, labels, n_items, train, prior,
-                                                       cfg.mean_prior, leave_one_out=train)
+                                                       mean_prior, leave_one_out=train)
         for s in ("val", "test"):
             dense[s][:, 0] = user_mean[user_pos[splits[s]]]
             dense[s][:, 1] = item_mean[item_pos[splits[s]]]
+    return dense, user_mean, item_mean
 
+
+def build(raw, cfg):
+    """Split the ratings, fit vocabularies and statistics as cfg.protocol (resolved: see resolve_protocol)
+    says, and return (meta, {split: arrays}, {"users": table, "items": table, "vocab": arrays})."""
+    protocol = cfg.protocol
+    if protocol not in ("paper", "random", "temporal"):
+        raise ValueError(f"build() needs a resolved protocol, got {protocol!r}")
+    if protocol == "temporal" and not raw.has_timestamp:
+        raise UserError(NO_TIMESTAMP)
+    r, labels = labelled(raw, cfg)
+    user_pos = pd.Index(raw.users["user"]).get_indexer(r["user"])
+    item_pos = pd.Index(raw.movies["item"]).get_indexer(r["item"])
+    timestamp = r["timestamp"].to_numpy() if raw.has_timestamp else None
+    splits = split_rows(len(r), protocol, cfg.seed, timestamp)
+    fit_rows = np.arange(len(r)) if protocol == "paper" else splits["train"]
+    n_users, n_items = len(raw.users), len(raw.movies)
+    user_seen, item_seen = np.zeros(n_users, bool), np.zeros(n_items, bool)
+    user_seen[user_pos[fit_rows]] = True
+    item_seen[item_pos[fit_rows]] = True
+    user_fields, tables, vocab = fit_fields(raw, cfg, user_seen, item_seen)
+    dense, user_mean, item_mean = mean_features(protocol, splits, labels, user_pos, item_pos, n_users, n_items,
+                                                cfg.mean_prior)
     arrays = {}
     for s, rows in splits.items():
         u, i = user_pos[rows], item_pos[rows]
-        arrays[s] = {"user_sparse": user_sparse[u], "user_dense": dense[s][:, :1],
-                     "item_sparse": item_codes[i][:, None], "item_genres": genre_ids[i],
-                     "item_genres_mask": genre_mask[i], "item_dense": dense[s][:, 1:],
+        arrays[s] = {"user_sparse": tables["user_sparse"][u], "user_dense": dense[s][:, :1],
+                     **{k: v[i] for k, v in tables.items() if k.startswith("item_")}, "item_dense": dense[s][:, 1:],
                      "label": labels[rows], "user_key": r["user"].to_numpy()[rows].astype(np.int64),
                      "item_key": r["item"].to_numpy()[rows].astype(np.int64)}
         if timestamp is not None:
             arrays[s]["timestamp"] = timestamp[rows].astype(np.int64)
     catalog = {
-        "users": {"key": users["user"].to_numpy().astype(np.int64), "user_sparse": user_sparse,
+        "users": {"key": raw.users["user"].to_numpy().astype(np.int64), "user_sparse": tables["user_sparse"],
                   "user_dense": user_mean[:, None].astype(np.float32)},
         "items": {"key": raw.movies["item"].to_numpy().astype(np.int64), "title": raw.movies["title"].to_numpy(str),
-                  "item_sparse": item_codes[:, None], "item_genres": genre_ids, "item_genres_mask": genre_mask,
+                  **{k: v for k, v in tables.items() if k.startswith("item_")},
                   "item_dense": item_mean[:, None].astype(np.float32)},
         "vocab": {name: v.to_numpy().astype(str) for name, v in vocab.items()},
     }
@@ -574,35 +614,53 @@ def build(raw, cfg):
                  "multi": [], "dense": ["user_mean_rating"]},
         "item": {"sparse": [{"name": "movie_id", "vocab_size": len(vocab["movie_id"]) + 1}],
                  "multi": [{"name": "genres", "vocab_size": len(vocab["genres"]) + 1,
-                            "max_len": int(genre_ids.shape[1])}],
+                            "max_len": int(tables["item_genres"].shape[1])}],
                  "dense": ["item_mean_rating"]},
     }
-    meta = {
+    return describe_data(raw, cfg, towers, splits, labels, arrays), arrays, catalog
+
+
+def describe_data(raw, cfg, towers, splits, labels, arrays):
+    """meta.json: what was built, how, and what the models need to know about it (towers, inputs)."""
+    protocol = cfg.protocol
+    def oov(split, name):
+        return float((arrays[split][name][:, 0] == 0).mean()) if len(splits[split]) else 0.0
+    return {
         "format_version": FORMAT_VERSION, "dataset": raw.name, "synthetic": raw.name == "synthetic",
         "protocol": protocol, "seed": cfg.seed, "leaky": protocol == "paper",
         "note": LEAK_NOTE if protocol == "paper" else "leak-free: vocabularies and statistics from training rows",
-        "options": {k: getattr(cfg, k) for k in ("label_threshold", "drop_neutral", "zip_prefix", "mean_prior")},
-        "has_timestamp": raw.has_timestamp, "towers": towers, "inputs": input_names(towers),
+        "options": data_options(cfg), "has_timestamp": raw.has_timestamp, "towers": towers,
+        "inputs": tower_inputs(towers, "user") + tower_inputs(towers, "item"),
         "rows": {s: int(len(rows)) for s, rows in splits.items()},
         "positive_rate": {s: float(labels[rows].mean()) if len(rows) else float("nan") for s, rows in splits.items()},
-        "oov_rate": {s: {"user_id": float((arrays[s]["user_sparse"][:, 0] == 0).mean()) if len(rows) else 0.0,
-                         "movie_id": float((arrays[s]["item_sparse"][:, 0] == 0).mean()) if len(rows) else 0.0}
-                     for s, rows in splits.items()},
+        "oov_rate": {s: {"user_id": oov(s, "user_sparse"), "movie_id": oov(s, "item_sparse")} for s in splits},
         "ratings_read": int(len(raw.ratings)), "sources": raw.sources,
     }
-    return meta, arrays, catalog
 
 
-def input_names(towers):
-    """Names of the model's input arrays, in order: per tower sparse ids, multi-valued ids + mask, dense."""
-    names = []
-    for tower in ("user", "item"):
-        spec = towers[tower]
-        names += [f"{tower}_sparse"] if spec["sparse"] else []
-        for m in spec["multi"]:
-            names += [f"{tower}_{m['name']}", f"{tower}_{m['name']}_mask"]
-        names += [f"{tower}_dense"] if spec["dense"] else []
+def tower_inputs(towers, tower):
+    """Names of a tower's input arrays, in order: sparse ids, multi-valued ids + mask per field, dense values.
+    A model takes the user tower's, then the item tower's."""
+    spec, names = towers[tower], []
+    names += [f"{tower}_sparse"] if spec["sparse"] else []
+    for m in spec["multi"]:
+        names += [f"{tower}_{m['name']}", f"{tower}_{m['name']}_mask"]
+    names += [f"{tower}_dense"] if spec["dense"] else []
     return names
+
+
+def unknown_inputs(towers, tower, prior):
+    """One row of a tower's inputs for a user or item with no row in the tables: out-of-vocabulary ids,
+    no multi-valued ids, and the training positive rate `prior` as every mean-label feature (no history)."""
+    spec, rows = towers[tower], {}
+    if spec["sparse"]:
+        rows[f"{tower}_sparse"] = np.zeros((1, len(spec["sparse"])), np.int32)
+    for m in spec["multi"]:
+        rows[f"{tower}_{m['name']}"] = np.zeros((1, m["max_len"]), np.int32)
+        rows[f"{tower}_{m['name']}_mask"] = np.zeros((1, m["max_len"]), np.float32)
+    if spec["dense"]:
+        rows[f"{tower}_dense"] = np.full((1, len(spec["dense"])), prior, np.float32)
+    return rows
 
 
 # ================================================================ cache
@@ -612,25 +670,19 @@ class Dataset:
     meta: dict
     path: Path
 
-    def split(self, name):
-        """All arrays of one split (dict name -> numpy array)."""
-        return _load_npz(self.path / f"{name}.npz")
-
-    def catalog(self, name):
-        return _load_npz(self.path / f"{name}.npz")
-
-
-def _load_npz(path):
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
-        raise UserError(f"cannot read {path} ({e}); delete the cache folder to rebuild it") from None
+    def arrays(self, name):
+        """All arrays (dict name -> numpy array) of a split (train, val, test) or a table (users, items, vocab)."""
+        path = self.path / f"{name}.npz"
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        except (OSError, ValueError, zipfile.BadZipFile) as e:
+            raise UserError(f"cannot read {path} ({e}); delete the cache folder to rebuild it") from None
 
 
 def cache_key(name, sources, protocol, cfg):
     key = {"v": FORMAT_VERSION, "dataset": name, "sources": sources, "protocol": protocol, "seed": cfg.seed,
-           "options": [cfg.label_threshold, cfg.drop_neutral, cfg.zip_prefix, cfg.mean_prior]}
+           "options": data_options(cfg)}
     return md5_bytes(json.dumps(key, sort_keys=True).encode())[:12]
 
 
@@ -647,17 +699,16 @@ def load_dataset(cfg, quiet=False):
     """The preprocessed data set for this config, from the cache or built now (atomically)."""
     name, path = resolve_source(cfg)
     sources = source_checksums(name, path)
-    # the protocol 'auto' depends on the file having timestamps: peek at the first line
-    protocol = cfg.protocol if cfg.protocol != "auto" else _auto_protocol(name, path)
-    data_dir = Path(cfg.data_dir) if Path(cfg.data_dir).is_absolute() else ROOT / cfg.data_dir
-    folder = data_dir / "cache" / f"{name}-{protocol}-seed{cfg.seed}-{cache_key(name, sources, protocol, cfg)}"
+    protocol = resolve_protocol(cfg, name, path)
+    cfg = cfg.replace(protocol=protocol)
+    folder = data_root(cfg) / "cache" / f"{name}-{protocol}-seed{cfg.seed}-{cache_key(name, sources, protocol, cfg)}"
     if (folder / "meta.json").exists():
         meta = read_json(folder / "meta.json", "cache metadata")
         if not quiet:
             say(f"data: {name} ({path}), protocol {protocol}, cached in {folder}")
     else:
         started = time.perf_counter()
-        raw = read_raw(name, path)
+        raw = read_movielens(name, path)
         meta, arrays, catalog = build(raw, cfg)
         meta["source_path"] = str(path)
         meta["build_seconds"] = round(time.perf_counter() - started, 2)
@@ -672,11 +723,6 @@ def load_dataset(cfg, quiet=False):
     if meta["synthetic"] and not quiet:
         say("NOTE: this is the generated sample (synthetic data), not MovieLens")
     return Dataset(meta, folder)
-
-
-def _auto_protocol(name, path):
-    first = Files(path).first_line(SOURCES[name][0], ratings=True)
-    return "temporal" if len(first.split(b"\t" if name == "ml-100k" else b"::")) >= 4 else "random"
 
 
 def main():

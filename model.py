@@ -7,6 +7,7 @@ Nothing here knows MovieLens: field names, vocabulary sizes and input arrays com
 import mindspore as ms
 from mindspore import nn, ops
 
+from model_config import MODELS
 from module import CIRLoss, CrossNet, FEBlock, FM, MLP, SelfAttention, count_params, field_attention
 from util import UserError
 
@@ -340,10 +341,6 @@ class AutoInt(DeepModel):
         return (fields.reshape((-1, self.att_dim)),)
 
 
-MODELS = {"inttower": IntTower, "two_tower": IntTower, "dat": DAT, "lr": LR, "cold": COLD, "wide_deep": WideDeep,
-          "deepfm": DeepFM, "dcn": DCN, "autoint": AutoInt}
-
-
 class LossCell(nn.Cell):
     """BCE on the logits plus the model's auxiliary loss (CIR, DAT's mimic loss...)."""
 
@@ -360,15 +357,9 @@ class LossCell(nn.Cell):
         return loss
 
 
-def model_config(cfg):
-    """The config a --model name stands for (two_tower is IntTower with every addition off)."""
-    if cfg.model == "two_tower":
-        return cfg.replace(se="none", interaction="dot", cir_weight=0.0)
-    return cfg
-
-
 def build_model(meta, cfg):
-    return MODELS[cfg.model](meta, model_config(cfg))
+    """The model `cfg.model` names (model_config.MODELS: its class here and its preset)."""
+    return globals()[MODELS[cfg.model].cls](meta, cfg.for_model())
 
 
 def check_inputs(meta, arrays):

@@ -2,7 +2,10 @@
 
 get_dataset.py, train.py, eval.py, export.py, infer.py and run_experiments.py read the same
 `Config`: a key means the same thing everywhere, unknown keys and ill-typed values are rejected
-with one clear line, and every run saves the resolved config beside its results.
+with one clear line, and every run saves the resolved config beside its results. Every key has
+one role (ROLES): what eval.py, export.py and --resume may change on a saved run, what a sweep
+ignores when it compares runs and what the data cache depends on are all derived from the roles.
+MODELS is the one model registry.
 
 Model defaults are those of the published MindSpore IntTower (batch 2048, lr 5e-4, dropout 0.1,
 MLP 300-300-128, 4 heads x 64, embedding 32).
@@ -16,79 +19,116 @@ from dataclasses import dataclass, field
 
 DATASETS = ("auto", "ml-1m", "ml-100k", "synthetic")
 PROTOCOLS = ("auto", "paper", "random", "temporal")
-MODELS = ("inttower", "two_tower", "lr", "dat", "cold", "wide_deep", "deepfm", "dcn", "autoint")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    cls: str                  # the class in model.py
+    preset: dict              # the config changes the name stands for (two_tower: IntTower with every addition off)
+    paper_auc: float = None   # ML-1M test AUC in the paper's Table 2
+
+
+# The one model registry, in the order of the results tables (pre-ranking models, then ranking models).
+MODELS = {
+    "lr": ModelSpec("LR", {}),
+    "two_tower": ModelSpec("IntTower", {"se": "none", "interaction": "dot", "cir_weight": 0.0}, 0.8697),
+    "dat": ModelSpec("DAT", {}, 0.8712),
+    "cold": ModelSpec("COLD", {}, 0.8836),
+    "inttower": ModelSpec("IntTower", {}, 0.8974),
+    "wide_deep": ModelSpec("WideDeep", {}, 0.8820),
+    "deepfm": ModelSpec("DeepFM", {}, 0.8920),
+    "dcn": ModelSpec("DCN", {}, 0.8964),
+    "autoint": ModelSpec("AutoInt", {}, 0.8948),
+}
 SE_TYPES = ("lightse", "senet", "none")
 INTERACTIONS = ("fe", "dot", "fc")
 FE_LAYERS = ("outputs", "inputs", "all")
 DEVICES = ("CPU", "GPU", "Ascend")
 
 
-def _opt(default, help, choices=None):
-    return field(default=default, metadata={"help": help, "choices": choices})
+# Every key has one role; the commands derive from the roles which keys they may change on a saved run.
+ROLES = {
+    "source": "where the data files are (eval.py may point a trained model at other files)",
+    "data": "how the data is prepared (part of the cache key; fixed for a trained model)",
+    "model": "the architecture and its losses (fixed for a trained model)",
+    "train": "the optimisation (fixed for a trained model)",
+    "budget": "when training stops (may change when a run is resumed)",
+    "run": "where and how a command runs; never changes a result",
+}
+
+
+def _opt(default, help, role, choices=None):
+    assert role in ROLES, role
+    return field(default=default, metadata={"help": help, "choices": choices, "role": role})
 
 
 @dataclass
 class Config:
     # ---- data (get_dataset.py)
     dataset: str = _opt("auto", "ml-1m, ml-100k, synthetic, or auto: ML-1M when its files are found, "
-                                "else the generated sample (said so in the log)", DATASETS)
+                                "else the generated sample (said so in the log)", "source", DATASETS)
     data_path: str = _opt("", "an extracted MovieLens folder, its zip, or a ratings file with users/movies "
-                              "files beside it; empty: <data_dir>/<dataset>")
-    data_dir: str = _opt("data", "where downloads, the generated sample and the preprocessed cache live")
-    download: bool = _opt(False, "download the GroupLens archive (checked against its published md5)")
-    download_url: str = _opt("", "base URL of the archive and its .md5 (a mirror); default: GroupLens")
+                              "files beside it; empty: <data_dir>/<dataset>", "source")
+    data_dir: str = _opt("data", "where downloads, the generated sample and the preprocessed cache live", "source")
+    download: bool = _opt(False, "download the GroupLens archive (checked against its published md5)", "source")
+    download_url: str = _opt("", "base URL of the archive and its .md5 (a mirror); default: GroupLens", "source")
+    synthetic_users: int = _opt(3000, "generated sample: number of users", "source")
+    synthetic_items: int = _opt(1000, "generated sample: number of movies", "source")
+    synthetic_ratings: int = _opt(50, "generated sample: mean number of ratings per user", "source")
+    synthetic_seed: int = _opt(2022, "generated sample: seed of the generator (the data, not the split)", "source")
     protocol: str = _opt("auto", "paper (published, leaks labels into features), random (same split, "
                                  "leak-free), temporal (80/10/10 by time, leak-free); auto: temporal "
-                                 "when timestamps exist, else random", PROTOCOLS)
-    label_threshold: int = _opt(3, "label = rating > label_threshold")
-    drop_neutral: bool = _opt(True, "drop ratings equal to label_threshold (as the paper does)")
-    zip_prefix: int = _opt(0, "add the first N characters of the zip code as a user field (0: off)")
+                                 "when timestamps exist, else random", "data", PROTOCOLS)
+    label_threshold: int = _opt(3, "label = rating > label_threshold", "data")
+    drop_neutral: bool = _opt(True, "drop ratings equal to label_threshold (as the paper does)", "data")
+    zip_prefix: int = _opt(0, "add the first N characters of the zip code as a user field (0: off)", "data")
     mean_prior: float = _opt(10.0, "leak-free protocols: mean-rating features are smoothed towards the "
-                                   "training positive rate with this many pseudo-ratings")
-    synthetic_users: int = _opt(3000, "generated sample: number of users")
-    synthetic_items: int = _opt(1000, "generated sample: number of movies")
-    synthetic_ratings: int = _opt(50, "generated sample: mean number of ratings per user")
-    synthetic_seed: int = _opt(2022, "generated sample: seed of the generator (the data, not the split)")
+                                   "training positive rate with this many pseudo-ratings", "data")
+    seed: int = _opt(2022, "seed of the split, the initialisation and the data order", "data")
     # ---- model (model.py)
-    model: str = _opt("inttower", "which model to train", MODELS)
-    se: str = _opt("lightse", "field attention over each tower's embeddings", SE_TYPES)
+    model: str = _opt("inttower", "which model to train", "model", tuple(MODELS))
+    se: str = _opt("lightse", "field attention over each tower's embeddings", "model", SE_TYPES)
     interaction: str = _opt("fe", "fe: FE-Block MaxSim; dot: plain two-tower; fc: an MLP over both "
-                                  "towers (couples them)", INTERACTIONS)
+                                  "towers (couples them)", "model", INTERACTIONS)
     fe_layers: str = _opt("outputs", "user representations the FE-Block projects: outputs (every MLP layer's "
                                      "output), inputs (every MLP layer's input: the field embeddings and every "
-                                     "hidden layer but the last, as the published code), all (both)", FE_LAYERS)
+                                     "hidden layer but the last, as the published code), all (both)", "model",
+                          FE_LAYERS)
     fe_mean: bool = _opt(True, "FE-Block score as a mean over the L*H user heads instead of the paper's sum: the "
-                               "same family of scores, with initial logits that do not grow with L*H (false: sum)")
-    last_layer_only: bool = _opt(False, "FE-Block on the last of those representations only (the accelerated variant)")
-    embed_dim: int = _opt(32, "embedding size of every sparse field")
-    mlp: tuple = _opt((300, 300, 128), "hidden sizes of each tower's MLP, comma separated")
-    heads: int = _opt(4, "FE-Block heads per layer")
-    head_dim: int = _opt(64, "FE-Block dimensions per head")
-    dropout: float = _opt(0.1, "dropout probability after every MLP layer")
-    batch_norm: bool = _opt(True, "BatchNorm after every Dense layer of the MLPs")
-    cir_weight: float = _opt(0.1, "weight of the contrastive CIR loss (0: off)")
-    cir_tau: float = _opt(0.2, "temperature of the CIR loss")
-    cir_anchors: int = _opt(512, "CIR: the first N rows of a batch are anchors against all its items (0: all rows)")
-    dat_weight: float = _opt(0.5, "DAT: weight of the adaptive-mimic loss")
-    cross_layers: int = _opt(3, "DCN: number of cross layers")
-    attention_layers: int = _opt(3, "AutoInt: number of self-attention layers")
-    attention_heads: int = _opt(2, "AutoInt: heads per self-attention layer")
+                               "same family of scores, with initial logits that do not grow with L*H (false: sum)",
+                         "model")
+    last_layer_only: bool = _opt(False, "FE-Block on the last of those representations only (the accelerated "
+                                        "variant; export.py may also apply it to a trained model)", "model")
+    embed_dim: int = _opt(32, "embedding size of every sparse field", "model")
+    mlp: tuple = _opt((300, 300, 128), "hidden sizes of each tower's MLP, comma separated", "model")
+    heads: int = _opt(4, "FE-Block heads per layer", "model")
+    head_dim: int = _opt(64, "FE-Block dimensions per head", "model")
+    dropout: float = _opt(0.1, "dropout probability after every MLP layer", "model")
+    batch_norm: bool = _opt(True, "BatchNorm after every Dense layer of the MLPs", "model")
+    cir_weight: float = _opt(0.1, "weight of the contrastive CIR loss (0: off)", "model")
+    cir_tau: float = _opt(0.2, "temperature of the CIR loss", "model")
+    cir_anchors: int = _opt(512, "CIR: the first N rows of a batch are anchors against all its items (0: all rows)",
+                            "model")
+    dat_weight: float = _opt(0.5, "DAT: weight of the adaptive-mimic loss", "model")
+    cross_layers: int = _opt(3, "DCN: number of cross layers", "model")
+    attention_layers: int = _opt(3, "AutoInt: number of self-attention layers", "model")
+    attention_heads: int = _opt(2, "AutoInt: heads per self-attention layer", "model")
     # ---- training (train.py)
-    epochs: int = _opt(10, "maximum number of epochs")
-    batch_size: int = _opt(2048, "training batch size (the last incomplete batch of an epoch is dropped)")
-    eval_batch_size: int = _opt(16384, "batch size for validation, test and export")
-    lr: float = _opt(5e-4, "Adam learning rate")
-    weight_decay: float = _opt(0.0, "Adam weight decay")
-    patience: int = _opt(2, "stop after this many epochs without a better validation AUC")
-    seed: int = _opt(2022, "seed of the split, the initialisation and the data order")
-    device_target: str = _opt("CPU", "where MindSpore runs", DEVICES)
-    output_dir: str = _opt("runs", "parent folder of new run directories")
+    batch_size: int = _opt(2048, "training batch size (the last incomplete batch of an epoch is dropped)", "train")
+    lr: float = _opt(5e-4, "Adam learning rate", "train")
+    weight_decay: float = _opt(0.0, "Adam weight decay", "train")
+    distribute: bool = _opt(False, "data-parallel training (set automatically when launched by msrun)", "train")
+    epochs: int = _opt(10, "maximum number of epochs", "budget")
+    patience: int = _opt(2, "stop after this many epochs without a better validation AUC", "budget")
+    max_steps: int = _opt(0, "stop after this many training steps in total (0: no limit; for tests)", "budget")
+    # ---- where and how a command runs
+    device_target: str = _opt("CPU", "where MindSpore runs", "run", DEVICES)
+    eval_batch_size: int = _opt(16384, "batch size for validation, test and export", "run")
+    output_dir: str = _opt("runs", "parent folder of new run directories (export.py: the export folder)", "run")
     run_dir: str = _opt("", "the run directory (train: empty means <output_dir>/<time>-<model>; eval/export: "
-                            "the run to read)")
-    resume: str = _opt("", "train: continue the run in this directory from its last checkpoint")
-    checkpoint: str = _opt("", "eval/export: a checkpoint file (default: the run's best checkpoint)")
-    max_steps: int = _opt(0, "stop after this many training steps in total (0: no limit; for tests)")
-    distribute: bool = _opt(False, "data-parallel training (set automatically when launched by msrun)")
+                            "the run to read)", "run")
+    resume: str = _opt("", "train: continue the run in this directory from its last checkpoint", "run")
+    checkpoint: str = _opt("", "eval/export: a checkpoint file (default: the run's best checkpoint)", "run")
 
     def validate(self):
         positive = ("embed_dim", "heads", "head_dim", "epochs", "batch_size", "eval_batch_size",
@@ -103,13 +143,18 @@ class Config:
                 raise ValueError(f"--{key} must be >= 0, got {getattr(self, key)}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
-        if self.lr <= 0 or self.cir_tau <= 0:
-            raise ValueError("--lr and --cir_tau must be positive")
+        for key in ("lr", "cir_tau"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"--{key} must be positive, got {getattr(self, key)}")
         if not self.mlp or min(self.mlp) <= 0:
             raise ValueError(f"--mlp needs positive layer sizes, got {self.mlp}")
         if not 1 <= self.label_threshold <= 5:
             raise ValueError(f"--label_threshold must be a rating 1-5, got {self.label_threshold}")
         return self
+
+    def for_model(self):
+        """The config the --model name stands for (its registry preset applied)."""
+        return self.replace(**MODELS[self.model].preset)
 
     def to_dict(self):
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
@@ -149,15 +194,25 @@ def _to_ints(text):
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
-class _Parser(argparse.ArgumentParser):
+def keys_of(*roles):
+    """The Config keys whose role is one of `roles`."""
+    unknown = set(roles) - set(ROLES)
+    assert not unknown, unknown
+    return {f.name for f in dataclasses.fields(Config) if f.metadata["role"] in roles}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit status 2) instead of the whole usage text."""
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, **kwargs)
+
     def error(self, message):
-        """One line instead of the whole usage text."""
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def build_parser(prog, description=""):
-    parser = _Parser(prog=prog, description=description, allow_abbrev=False,
-                     usage="%(prog)s [--key value ...]")
+    parser = Parser(prog=prog, description=description, usage="%(prog)s [--key value ...]")
     for f in dataclasses.fields(Config):
         kind = {bool: _to_bool, tuple: _to_ints}.get(f.type, f.type)
         extra = {"nargs": "?", "const": True} if kind is _to_bool else {}

@@ -57,8 +57,8 @@ class BatchNorm(nn.Cell):
     """BatchNorm over the batch axis of (B, C), statistics in one pass: E[x], E[x^2].
 
     Same result as nn.BatchNorm1d (moving statistics with `momentum`, unbiased moving variance),
-    about 3x cheaper forward + backward on CPU here, where the fused kernel is slow (README,
-    "Performance"). Inference uses the moving statistics."""
+    about 3x cheaper forward + backward on CPU here, where the fused kernel is slow (docs/design.md,
+    "Training step"). Inference uses the moving statistics."""
 
     def __init__(self, channels, momentum=0.9, eps=1e-5):
         super().__init__()
@@ -120,7 +120,7 @@ class FEBlock(nn.Cell):
     score: sum over user layers and user heads of the max over item heads of <u, v>: (B,).
     With `mean`, the user heads are multiplied by 1/(L*H), i.e. the sum becomes a mean over the
     user heads: the same family of scores (max is positively homogeneous), but the initial logits
-    no longer grow with L*H (README, "Model architecture").
+    no longer grow with L*H (docs/design.md, "FE-Block: a mean over the user heads").
     A user's heads are computed once per user and an item's once per item, so items can be
     indexed offline; `score` also takes one user (1, L, H, p) against N items (N, H, p)."""
 

@@ -28,10 +28,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
-import numpy as np
-
-from model_config import MODELS, parse_args
+from model_config import MODELS, keys_of, parse_args
 from util import ROOT, UserError, median_ms, run_cli, say
 
 ABLATIONS = {  # the paper's Figure 6(a): IntTower with one module removed or replaced
@@ -45,9 +44,17 @@ ABLATIONS = {  # the paper's Figure 6(a): IntTower with one module removed or re
     "FE sum over heads": {"fe_mean": "false"},  # the paper's formula, against our mean over the user heads
     "FE on layer inputs": {"fe_layers": "inputs"},  # what the published code projects, against layer outputs
 }
-PAPER_AUC = {"inttower": 0.8974, "two_tower": 0.8697, "dat": 0.8712, "cold": 0.8836, "wide_deep": 0.8820,
-             "deepfm": 0.8920, "dcn": 0.8964, "autoint": 0.8948}  # the paper's ML-1M table
-ORDER = ["lr", "two_tower", "dat", "cold", "inttower", "wide_deep", "deepfm", "dcn", "autoint"]
+ORDER = list(MODELS)  # the registry's order: pre-ranking models, then ranking models
+IGNORED = keys_of("source", "run")  # where the data is and how a run ran: no reason to train a finished run again
+
+
+class Run(NamedTuple):
+    name: str       # the run's folder under <results>/runs
+    variant: str    # a model, or an ablation of IntTower
+    model: str
+    protocol: str
+    seed: int
+    args: list      # train.py arguments
 
 
 def slug(text):
@@ -87,19 +94,19 @@ def tune(args, passthrough, out):
     settings = [tuple(zip([k for k, _ in keys], combo)) for combo in itertools.product(*(v for _, v in keys))]
     seed = int(args.seeds.split(",")[0])
     runs = []
-    for name, variant, model, protocol, _, extra in plan(args, protocols=[args.tune_protocol], seeds=[seed]):
-        if variant != model:  # an ablation is trained with the setting chosen for its model
+    for run in plan(args, protocols=[args.tune_protocol], seeds=[seed]):
+        if run.variant != run.model:  # an ablation is trained with the setting chosen for its model
             continue
         for setting in settings:
-            runs.append((tuning_name(variant, setting, base), variant, model, protocol, seed,
-                         extra + [a for k, v in setting for a in (f"--{k}", v)]))
+            runs.append(run._replace(name=tuning_name(run.variant, setting, base),
+                                     args=run.args + [a for k, v in setting for a in (f"--{k}", v)]))
     run_all(runs, passthrough, out, args.done)
     label = lambda setting: ", ".join(f"{k} {v}" for k, v in setting)  # noqa: E731
     best, lines = {}, ["# Hyper-parameter check", "", f"protocol `{args.tune_protocol}`, seed {seed}, validation AUC "
                        "(the test split is not looked at)", "", "| model | " + " | ".join(map(label, settings)) +
                        " | chosen |", "|---|" + "---|" * (len(settings) + 1)]
     metrics = lambda variant, s: out / "runs" / tuning_name(variant, s, base) / "metrics.json"  # noqa: E731
-    asked = {r[1] for r in runs}  # and the models tuned on this grid by an earlier sweep, in table order
+    asked = {r.variant for r in runs}  # and the models tuned on this grid by an earlier sweep, in table order
     for variant in [v for v in ORDER if v in asked or all(metrics(v, s).exists() for s in settings)]:
         scores = {s: json.loads(metrics(variant, s).read_text())["val_auc"] for s in settings}
         best[variant] = max(settings, key=scores.get)
@@ -112,12 +119,11 @@ def tune(args, passthrough, out):
 
 def with_settings(runs, chosen):
     """Append each run's tuned arguments: its variant's, else (an ablation) those of its model."""
-    return [(name, variant, model, protocol, seed, extra + chosen.get(variant, chosen.get(model, [])))
-            for name, variant, model, protocol, seed, extra in runs]
+    return [run._replace(args=run.args + chosen.get(run.variant, chosen.get(run.model, []))) for run in runs]
 
 
 def plan(args, protocols=None, seeds=None):
-    """(name, variant, model, protocol, seed, train.py arguments) of every run asked for."""
+    """Every Run asked for."""
     models = ORDER if args.models == "all" else args.models.split(",")
     unknown = set(models) - set(MODELS)
     if unknown:
@@ -135,11 +141,8 @@ def plan(args, protocols=None, seeds=None):
                 extra += ["--data_path", data] if data else []
                 for key, value in changes.items():
                     extra += [f"--{key}", value]
-                runs.append((name, variant, model, protocol, seed, extra))
+                runs.append(Run(name, variant, model, protocol, seed, extra))
     return runs
-
-
-IGNORED = {"data_path", "data_dir", "output_dir", "run_dir", "resume", "checkpoint", "device_target"}  # where
 
 
 def changed(run_dir, train_args):
@@ -157,7 +160,8 @@ def run_all(runs, passthrough, out, done=None):
     trained again (e.g. when a wider --tune grid chose another setting for its model)."""
     import shutil
     done = {} if done is None else done
-    for k, (name, variant, model, protocol, seed, extra) in enumerate(runs, 1):
+    for k, run in enumerate(runs, 1):
+        name, extra = run.name, run.args
         run_dir = out / "runs" / name
         if (run_dir / "metrics.json").exists():
             diff = changed(run_dir, [*passthrough, *extra])
@@ -169,9 +173,9 @@ def run_all(runs, passthrough, out, done=None):
             shutil.rmtree(run_dir)
         if tuple(extra) in done:  # the same training already ran (a tuning run): reuse it
             shutil.copytree(done[tuple(extra)], run_dir, ignore=shutil.ignore_patterns("export"))
-            (run_dir / "experiment.json").write_text(json.dumps({"variant": variant, "model": model}))
+            (run_dir / "experiment.json").write_text(json.dumps({"variant": run.variant, "model": run.model}))
             continue
-        say(f"[{k}/{len(runs)}] {variant}, {protocol}, seed {seed}")
+        say(f"[{k}/{len(runs)}] {run.variant}, {run.protocol}, seed {run.seed}")
         cmd = [sys.executable, str(ROOT / "train.py"), *passthrough, *extra, "--run_dir", str(run_dir)]
         started = time.time()
         log = out / "logs" / f"{name}.log"
@@ -180,29 +184,19 @@ def run_all(runs, passthrough, out, done=None):
             code = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
         if code != 0:
             raise UserError(f"run {name} failed (exit {code}); see {log}")
-        (run_dir / "experiment.json").write_text(json.dumps({"variant": variant, "model": model}))
+        (run_dir / "experiment.json").write_text(json.dumps({"variant": run.variant, "model": run.model}))
         done[tuple(extra)] = run_dir
         say(f"    done in {time.time() - started:.0f} s")
 
 
 def scoring_latency(run_dir, n=10_000, repeats=200):
     """Median ms to score n candidates for one user from the run's exported item index (tiled to n rows)."""
-    from infer import Scorer, head_major, maxsim, maxsim_buffers
+    from scorer import Scorer, tiled_scoring
     export = run_dir / "export"
     if not (export / "manifest.json").exists():
         subprocess.check_call([sys.executable, str(ROOT / "export.py"), "--run_dir", str(run_dir)], cwd=ROOT,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    scorer = Scorer(export)
-    user = scorer.user_vector(int(scorer.users["key"][0]))[0]
-    catalogue = scorer.index[:-1]
-    tiled = np.resize(catalogue, (n, *catalogue.shape[1:]))  # the catalogue repeated to n rows
-    if scorer.fe:
-        index = head_major(tiled)
-        buffers = maxsim_buffers(user, index)
-        score = lambda: maxsim(user, index, buffers)  # noqa: E731
-    else:
-        score = lambda: tiled @ user  # noqa: E731
-    return median_ms(score, repeats)
+    return median_ms(tiled_scoring(Scorer(export), n), repeats)
 
 
 def collect(out):
@@ -257,7 +251,7 @@ def report(out, latency=True):
         for variant in sorted(groups, key=lambda v: order.index(v) if v in order else 99):
             g = groups[variant]
             lat = f"{scoring_latency(out / 'runs' / g[0]['run']):.2f}" if latency and g[0]["decoupled"] else "-"
-            paper_auc = PAPER_AUC.get(variant) if protocol == "paper" else None
+            paper_auc = MODELS[variant].paper_auc if protocol == "paper" and variant in MODELS else None
             lines.append(f"| {variant} | {len(g)} | {mean_std([r['test_auc'] for r in g])} | "
                          f"{mean_std([r['test_logloss'] for r in g])} | {mean_std([r['test_gauc'] for r in g])} | "
                          f"{paper_auc if paper_auc else '-'} | {g[0]['parameters']:,} | "

@@ -7,9 +7,8 @@
 A run directory holds config.json, data_meta.json, log.jsonl (one line per epoch), metrics.json,
 best.ckpt (the model at its best validation AUC) and last.ckpt (model + optimizer + loop state,
 for --resume). The train step is compiled (GRAPH_MODE, nn.TrainOneStepCell) and fed whole batches
-sliced from numpy arrays: the fastest setup measured here (README, "Performance").
+sliced from numpy arrays: the fastest setup measured here (docs/design.md, "Training step").
 """
-import hashlib
 import json
 import math
 import os
@@ -21,114 +20,10 @@ import numpy as np
 from tqdm import tqdm
 
 from get_dataset import load_dataset
-from model_config import Config, parse_args
-from util import UserError, auc, gauc, logloss, read_json, run_cli, say, write_json, atomic_write
-
-
-def init_mindspore(cfg):
-    import mindspore as ms
-    ms.set_context(mode=ms.GRAPH_MODE)
-    try:
-        ms.set_device(cfg.device_target)
-    except (RuntimeError, ValueError) as e:
-        if ms.get_context("device_target") != cfg.device_target:  # not merely a second call on the same device
-            raise UserError(f"device {cfg.device_target} is not available here ({str(e).splitlines()[0]})") from None
-    ms.set_seed(cfg.seed)
-    np.random.seed(cfg.seed % 2**32)
-    return ms
-
-
-# ---------------------------------------------------------------- data feeding
-
-def batches(arrays, names, batch_size, order=None, pad=False):
-    """Yield tuples of Tensors, one whole batch at a time, in `order` (default: as stored).
-
-    Training drops the last incomplete batch (one compiled shape; a new order every epoch uses all
-    rows over time); prediction pads it instead, and the caller drops the padding."""
-    import mindspore as ms
-    n = len(arrays[names[0]])
-    order = np.arange(n) if order is None else order
-    stop = n if pad else n - n % batch_size
-    for start in range(0, stop, batch_size):
-        idx = order[start:start + batch_size]
-        if pad and len(idx) < batch_size:
-            idx = np.concatenate([idx, np.full(batch_size - len(idx), idx[-1] if len(idx) else 0)])
-        yield tuple(ms.Tensor(arrays[name][idx]) for name in names)
-
-
-def epoch_order(seed, epoch, n):
-    """The data order of an epoch: a function of (seed, epoch) only, so a resumed run sees the same."""
-    return np.random.default_rng([seed, epoch]).permutation(n)
-
-
-def predict(model, arrays, names, batch_size):
-    """Click probabilities for every row (model in inference mode)."""
-    n = len(arrays[names[0]])
-    if n == 0:
-        return np.zeros(0, np.float32)
-    model.set_train(False)
-    batch_size = min(batch_size, max(n, 1))
-    logits = np.concatenate([model(*b).asnumpy() for b in batches(arrays, names, batch_size, pad=True)])[:n]
-    return 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
-
-
-def evaluate(model, arrays, names, batch_size, with_gauc=False):
-    probs = predict(model, arrays, names, batch_size)
-    labels = arrays["label"]
-    result = {"auc": auc(labels, probs), "logloss": logloss(labels, probs) if len(labels) else float("nan"),
-              "rows": int(len(labels)), "positive_rate": float(labels.mean()) if len(labels) else float("nan")}
-    if with_gauc:
-        result["gauc"] = gauc(arrays["user_key"], labels, probs)
-    return result
-
-
-# ---------------------------------------------------------------- checkpoints
-
-def params_md5(cell):
-    """A checksum of every parameter (by name): equal on all ranks of a data-parallel job."""
-    digest = hashlib.md5()
-    for name, p in sorted(cell.parameters_and_names(), key=lambda x: x[0]):
-        digest.update(name.encode())
-        digest.update(p.asnumpy().tobytes())
-    return digest.hexdigest()
-
-
-def save_checkpoint(cell, path, state=None):
-    """Write a checkpoint atomically (MindSpore's save deletes the old file before writing)."""
-    import mindspore as ms
-    params = [{"name": name, "data": p} for name, p in cell.parameters_and_names()]
-    extra = {"train_state": json.dumps(state)} if state is not None else None
-    atomic_write(path, lambda tmp: ms.save_checkpoint(params, tmp, append_dict=extra, format="ckpt"))
-
-
-def load_checkpoint(cell, path):
-    """Load `path` into `cell`, refusing missing, unexpected or mis-shaped parameters; returns the
-    train state stored with it (or None)."""
-    import mindspore as ms
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
-    try:
-        stored = ms.load_checkpoint(str(path), crc_check=False)
-    except (ValueError, RuntimeError, TypeError, OSError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path} is not a readable MindSpore checkpoint (truncated or another file?): "
-                        f"{reason}") from None
-    state = stored.pop("train_state", None)
-    own = dict(cell.parameters_and_names())
-    missing = sorted(set(own) - set(stored))
-    unexpected = sorted(set(stored) - set(own))
-    if missing or unexpected:
-        raise UserError(f"{path} does not fit this model ({len(missing)} parameters missing, e.g. "
-                        f"{missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]}): was it saved "
-                        f"with another --model or configuration?")
-    for name, param in own.items():
-        value = stored[name]
-        if tuple(value.shape) != tuple(param.shape):
-            raise UserError(f"{path}: parameter {name} has shape {tuple(value.shape)}, the model expects "
-                            f"{tuple(param.shape)}: vocabulary sizes or layer sizes differ from this data/config")
-        param.set_data(value if value.dtype == param.dtype else value.astype(param.dtype))
-    return json.loads(state) if isinstance(state, str) else None
+from model_config import parse_args
+from runtime import (batches, epoch_order, evaluate, init_mindspore, load_checkpoint, params_md5, restore_run,
+                     save_checkpoint, train_step)
+from util import UserError, run_cli, say, write_json
 
 
 # ---------------------------------------------------------------- the run
@@ -228,96 +123,87 @@ def new_run_dir(cfg, meta):
     return path
 
 
-def resume_config(run_dir, overrides, cfg):
-    """The saved config of a run, with only run-control keys overridable."""
-    saved = Config.from_dict(read_json(Path(run_dir) / "config.json", "run config"))
-    allowed = {"resume", "epochs", "patience", "max_steps", "device_target", "eval_batch_size"}
-    changed = sorted(k for k in overrides - allowed if getattr(cfg, k) != getattr(saved, k))
-    if changed:
-        raise UserError(f"--resume keeps the run's configuration; cannot change {', '.join(changed)}")
-    return saved.replace(**{k: getattr(cfg, k) for k in overrides & allowed}, run_dir=str(run_dir))
+class Trainer:
+    """One training run: its directory, model, compiled step and loop state (what last.ckpt stores)."""
 
+    def __init__(self, cfg, data, world):
+        self.cfg, self.data, self.world = cfg, data, world
+        meta = data.meta
+        self.names = meta["inputs"]
+        self.train_arrays = world.shard(data.arrays("train"))
+        self.val_arrays = data.arrays("val")
+        from model import build_model, check_inputs, describe
+        check_inputs(meta, self.train_arrays)
+        self.n_train = len(self.train_arrays["label"])
+        self.steps_per_epoch = self.n_train // cfg.batch_size
+        if self.steps_per_epoch == 0:
+            raise UserError(f"{self.n_train} training rows is less than one batch of {cfg.batch_size}: "
+                            f"lower --batch_size")
+        run_dir = Path(cfg.resume) if cfg.resume else (new_run_dir(cfg, meta) if world.is_main else None)
+        self.run_dir = world.broadcast_path(run_dir)
+        if world.is_main and not cfg.resume:
+            write_json(self.run_dir / "config.json", cfg.to_dict())
+            write_json(self.run_dir / "data_meta.json", {**meta, "cache": str(data.path)})
+        if world.is_main:
+            say(f"config: {json.dumps(cfg.to_dict())}")
+        self.model = build_model(meta, cfg)
+        self.step = train_step(self.model, cfg)
+        self.state = {"epoch": 0, "step": 0, "best_auc": -1.0, "best_epoch": 0, "bad_epochs": 0, "seconds": 0.0}
+        if cfg.resume:
+            self.state = load_checkpoint(self.step, self.run_dir / "last.ckpt") or self.state
+            say(f"resuming {self.run_dir} after epoch {self.state['epoch']} (step {self.state['step']})")
+        self.parameters = describe(self.model)["parameters"]
+        if world.is_main:
+            say(f"model: {cfg.model} ({self.parameters:,} parameters); run: {self.run_dir}; "
+                f"{self.n_train:,} training rows per {'rank' if world.size > 1 else 'epoch'}")
+        self.log_path = self.run_dir / f"log{world.suffix}.jsonl"
 
-def train(cfg, overrides=frozenset()):
-    """Train as `cfg` says; returns the run's metrics (also written to <run_dir>/metrics.json)."""
-    if cfg.resume:
-        cfg = resume_config(cfg.resume, set(overrides), cfg)
-    ms = init_mindspore(cfg)
-    from mindspore import nn
-    from model import LossCell, build_model, check_inputs, describe
+    def budget_spent(self):
+        return bool(self.cfg.max_steps) and self.state["step"] >= self.cfg.max_steps
 
-    world = World.setup(cfg)
-    if world.is_scheduler:  # msrun's scheduler process: init() ran the job, nothing else to do
-        return None
-    data = load_dataset(cfg, quiet=not world.is_main)
-    meta = data.meta
-    names = meta["inputs"]
-    train_arrays = world.shard(data.split("train"))
-    val_arrays = data.split("val")
-    check_inputs(meta, train_arrays)
-    run_dir = Path(cfg.resume) if cfg.resume else (new_run_dir(cfg, meta) if world.is_main else None)
-    run_dir = world.broadcast_path(run_dir)
-    if world.is_main and not cfg.resume:
-        write_json(run_dir / "config.json", cfg.to_dict())
-        write_json(run_dir / "data_meta.json", {**meta, "cache": str(data.path)})
-    if world.is_main:
-        say(f"config: {json.dumps(cfg.to_dict())}")
-
-    model = build_model(meta, cfg)
-    optimizer = nn.Adam(model.trainable_params(), learning_rate=cfg.lr, weight_decay=cfg.weight_decay)
-    step = nn.TrainOneStepCell(LossCell(model), optimizer)
-    state = {"epoch": 0, "step": 0, "best_auc": -1.0, "best_epoch": 0, "bad_epochs": 0, "seconds": 0.0}
-    if cfg.resume:
-        state = load_checkpoint(step, run_dir / "last.ckpt") or state
-        say(f"resuming {run_dir} after epoch {state['epoch']} (step {state['step']})")
-    info = describe(model)
-    if world.is_main:
-        say(f"model: {cfg.model} ({info['parameters']:,} parameters); run: {run_dir}; "
-            f"{len(train_arrays['label']):,} training rows per {'rank' if world.size > 1 else 'epoch'}")
-
-    n_train = len(train_arrays["label"])
-    steps_per_epoch = n_train // cfg.batch_size
-    if steps_per_epoch == 0:
-        raise UserError(f"{n_train} training rows is less than one batch of {cfg.batch_size}: lower --batch_size")
-    log_path = run_dir / f"log{world.suffix}.jsonl"
-    for epoch in range(state["epoch"], cfg.epochs):
-        if cfg.max_steps and state["step"] >= cfg.max_steps:
-            break
-        step.set_train(True)
+    def train_epoch(self, epoch):
+        """One pass over the shuffled training rows; returns the epoch's losses."""
+        cfg, state = self.cfg, self.state
+        self.step.set_train(True)
         started, losses = time.perf_counter(), []
-        order = epoch_order(cfg.seed, epoch, n_train)
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
-                   disable=not world.is_main, dynamic_ncols=True, leave=False)
-        for batch in batches(train_arrays, names + ["label"], cfg.batch_size, order):
-            loss = float(step(*batch).asnumpy())
+        bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
+                   disable=not self.world.is_main, dynamic_ncols=True, leave=False)
+        order = epoch_order(cfg.seed, epoch, self.n_train)
+        for batch in batches(self.train_arrays, self.names + ["label"], cfg.batch_size, order):
+            loss = float(self.step(*batch).asnumpy())
             if not math.isfinite(loss):
                 bar.close()
                 raise UserError(f"training diverged: loss is {loss} at epoch {epoch + 1}, step {state['step'] + 1}; "
-                                f"the last good checkpoint is kept in {run_dir} (try a lower --lr)")
+                                f"the last good checkpoint is kept in {self.run_dir} (try a lower --lr)")
             losses.append(loss)
             state["step"] += 1
             bar.update(1)
             if len(losses) % 10 == 0:
-                rate = len(losses) * cfg.batch_size * world.size / (time.perf_counter() - started)
+                rate = len(losses) * cfg.batch_size * self.world.size / (time.perf_counter() - started)
                 bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", samples_per_s=f"{rate:,.0f}")
-            if cfg.max_steps and state["step"] >= cfg.max_steps:
+            if self.budget_spent():
                 break
         bar.close()
+        return losses
+
+    def end_epoch(self, epoch, losses, started):
+        """Validate, keep the best checkpoint, save the loop state, log the epoch; True: stop early."""
+        cfg, state, world, model = self.cfg, self.state, self.world, self.model
         world.sync_statistics(model)
         if not all(np.isfinite(p.asnumpy()).all() for p in model.get_parameters()):
             raise UserError(f"parameters are no longer finite after epoch {epoch + 1} (NaN or inf in the inputs or "
-                            f"gradients); the last good checkpoint is kept in {run_dir}")
+                            f"gradients); the last good checkpoint is kept in {self.run_dir}")
         train_seconds = time.perf_counter() - started
         record = {"epoch": epoch + 1, "step": state["step"], "train_loss": float(np.mean(losses)),
                   "train_seconds": round(train_seconds, 2), "params_md5": params_md5(model),
                   "samples_per_second": round(len(losses) * cfg.batch_size * world.size / train_seconds, 1)}
-        val = evaluate(model, val_arrays, names, cfg.eval_batch_size)  # the same on every rank
+        val = evaluate(model, self.val_arrays, self.names, cfg.eval_batch_size)  # the same on every rank
         record.update(val_auc=val["auc"], val_logloss=val["logloss"])
         improved = val["auc"] > state["best_auc"]
         if improved:
             state.update(best_auc=val["auc"], best_epoch=epoch + 1, bad_epochs=0)
             if world.is_main:
-                save_checkpoint(model, run_dir / "best.ckpt")
+                save_checkpoint(model, self.run_dir / "best.ckpt")
         else:
             state["bad_epochs"] += 1
         if world.is_main:
@@ -327,36 +213,59 @@ def train(cfg, overrides=frozenset()):
         state["epoch"] = epoch + 1
         state["seconds"] += time.perf_counter() - started
         if world.is_main:
-            save_checkpoint(step, run_dir / "last.ckpt", state)
+            save_checkpoint(self.step, self.run_dir / "last.ckpt", state)
         record["seconds"] = round(time.perf_counter() - started, 2)
-        with open(log_path, "a") as f:
+        with open(self.log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if state["bad_epochs"] >= cfg.patience > 0:
             say(f"early stop: no better validation AUC for {cfg.patience} epochs")
-            break
+            return True
+        return False
 
-    if not world.is_main:
+    def fit(self):
+        for epoch in range(self.state["epoch"], self.cfg.epochs):
+            if self.budget_spent():
+                break
+            started = time.perf_counter()
+            if self.end_epoch(epoch, self.train_epoch(epoch), started):
+                break
+
+    def test(self):
+        """The best checkpoint on the test split; writes and returns metrics.json (rank 0 only)."""
+        cfg, meta, state = self.cfg, self.data.meta, self.state
+        load_checkpoint(self.model, self.run_dir / "best.ckpt")
+        test = evaluate(self.model, self.data.arrays("test"), self.names, cfg.eval_batch_size, with_gauc=True)
+        history = [json.loads(line) for line in open(self.log_path)]
+        metrics = {
+            "model": cfg.model, "dataset": meta["dataset"], "synthetic": meta["synthetic"],
+            "protocol": meta["protocol"], "leaky": meta["leaky"], "seed": cfg.seed, "parameters": self.parameters,
+            "decoupled": self.model.decoupled,
+            "best_epoch": state["best_epoch"], "epochs_run": state["epoch"], "steps": state["step"],
+            "val_auc": state["best_auc"], "test": test,
+            "train_seconds": round(sum(h["train_seconds"] for h in history), 2),
+            "seconds": round(state["seconds"], 2),
+            "samples_per_second": float(np.median([h["samples_per_second"] for h in history])),
+            "world_size": self.world.size,
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        }
+        write_json(self.run_dir / "metrics.json", metrics)
+        say(f"test ({'generated sample, SYNTHETIC' if meta['synthetic'] else meta['dataset']}, {meta['protocol']}"
+            f"{', LEAKY' if meta['leaky'] else ''}): AUC {test['auc']:.4f}, logloss {test['logloss']:.4f}, "
+            f"GAUC {test['gauc']:.4f} on {test['rows']:,} rows; best epoch {state['best_epoch']}; {self.run_dir}")
+        return metrics
+
+
+def train(cfg, overrides=frozenset()):
+    """Train as `cfg` says; returns the run's metrics (also written to <run_dir>/metrics.json)."""
+    if cfg.resume:  # the run's own config; only where it runs and its budget may change
+        cfg = restore_run(cfg.resume, cfg, overrides, ("run", "budget")).replace(run_dir=str(cfg.resume))
+    init_mindspore(cfg)
+    world = World.setup(cfg)
+    if world.is_scheduler:  # msrun's scheduler process: init() ran the job, nothing else to do
         return None
-    load_checkpoint(model, run_dir / "best.ckpt")
-    test = evaluate(model, data.split("test"), names, cfg.eval_batch_size, with_gauc=True)
-    history = [json.loads(line) for line in open(log_path)]
-    metrics = {
-        "model": cfg.model, "dataset": meta["dataset"], "synthetic": meta["synthetic"],
-        "protocol": meta["protocol"], "leaky": meta["leaky"], "seed": cfg.seed, "parameters": info["parameters"],
-        "decoupled": model.decoupled,
-        "best_epoch": state["best_epoch"], "epochs_run": state["epoch"], "steps": state["step"],
-        "val_auc": state["best_auc"], "test": test,
-        "train_seconds": round(sum(h["train_seconds"] for h in history), 2),
-        "seconds": round(state["seconds"], 2),
-        "samples_per_second": float(np.median([h["samples_per_second"] for h in history])),
-        "world_size": world.size,
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-    }
-    write_json(run_dir / "metrics.json", metrics)
-    say(f"test ({'generated sample, SYNTHETIC' if meta['synthetic'] else meta['dataset']}, {meta['protocol']}"
-        f"{', LEAKY' if meta['leaky'] else ''}): AUC {test['auc']:.4f}, logloss {test['logloss']:.4f}, "
-        f"GAUC {test['gauc']:.4f} on {test['rows']:,} rows; best epoch {state['best_epoch']}; {run_dir}")
-    return metrics
+    trainer = Trainer(cfg, load_dataset(cfg, quiet=not world.is_main), world)
+    trainer.fit()
+    return trainer.test() if world.is_main else None
 
 
 def main():

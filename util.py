@@ -173,7 +173,3 @@ def gauc(groups, labels, scores):
         return float("nan")
     per_group = (rank_pos[ok] - pos[ok] * (pos[ok] + 1) / 2) / (pos[ok] * neg[ok])
     return float(np.average(per_group, weights=counts[ok]))
-
-
-def set_numpy_seed(seed):
-    np.random.seed(seed % 2**32)

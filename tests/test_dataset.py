@@ -29,7 +29,7 @@ def cfg_for(tmp_path, path, **kw):
 def test_ml1m_parsing_with_latin1_titles(tmp_path):
     movies = [(1, "Café Society (1999)", "Comedy|Drama"), (2, "Star Wars: Episode IV (1977)", "Action|Sci-Fi")]
     folder = write_ml1m(tmp_path / "ml", [(1, 1, 5, 978300760), (2, 2, 1, 978300761)], movies=movies)
-    raw = gd.read_ml1m(folder)
+    raw = gd.read_movielens("ml-1m", folder)
     assert raw.has_timestamp and list(raw.ratings.columns) == ["user", "item", "rating", "timestamp"]
     assert raw.ratings["rating"].tolist() == [5, 1] and raw.ratings["user"].dtype == np.int64
     assert raw.movies["title"].tolist()[0] == "Café Society (1999)"
@@ -39,33 +39,35 @@ def test_ml1m_parsing_with_latin1_titles(tmp_path):
 
 def test_three_column_ratings_random_ok_temporal_refused(tmp_path):
     folder = write_ml1m(tmp_path / "ml", random_ratings(timestamp=False))
-    raw = gd.read_ml1m(folder)
+    raw = gd.read_movielens("ml-1m", folder)
     assert not raw.has_timestamp
     meta, arrays, _ = gd.build(raw, cfg_for(tmp_path, folder, protocol="random"))
-    assert meta["protocol"] == "random" and sum(meta["rows"].values()) == len(gd.read_ml1m(folder).ratings
-                                                                               .query("rating != 3"))
+    assert meta["protocol"] == "random" and sum(meta["rows"].values()) == len(raw.ratings.query("rating != 3"))
     with pytest.raises(UserError, match="timestamp"):
         gd.build(raw, cfg_for(tmp_path, folder, protocol="temporal"))
-    # auto picks random without timestamps, temporal with them
-    assert gd.resolve_protocol(cfg_for(tmp_path, folder), False) == "random"
-    assert gd.resolve_protocol(cfg_for(tmp_path, folder), True) == "temporal"
+    # auto picks random without timestamps, temporal with them; temporal without them is refused
+    assert gd.resolve_protocol(cfg_for(tmp_path, folder), "ml-1m", folder) == "random"
+    with pytest.raises(UserError, match="timestamp"):
+        gd.resolve_protocol(cfg_for(tmp_path, folder, protocol="temporal"), "ml-1m", folder)
+    stamped = write_ml1m(tmp_path / "stamped", random_ratings())
+    assert gd.resolve_protocol(cfg_for(tmp_path, stamped), "ml-1m", stamped) == "temporal"
 
 
 def test_gzip_zip_and_ratings_file_paths(tmp_path):
     rows = random_ratings()
-    plain = gd.read_ml1m(write_ml1m(tmp_path / "plain", rows)).ratings
-    assert plain.equals(gd.read_ml1m(write_ml1m(tmp_path / "gz", rows, gz=True)).ratings)
+    plain = gd.read_movielens("ml-1m", write_ml1m(tmp_path / "plain", rows)).ratings
+    assert plain.equals(gd.read_movielens("ml-1m", write_ml1m(tmp_path / "gz", rows, gz=True)).ratings)
     # the GroupLens zip layout: ml-1m/ratings.dat ...
     zpath = tmp_path / "ml-1m.zip"
     with zipfile.ZipFile(zpath, "w") as z:
         for f in (tmp_path / "plain").iterdir():
             z.write(f, f"ml-1m/{f.name}")
-    raw = gd.read_ml1m(zpath)
+    raw = gd.read_movielens("ml-1m", zpath)
     assert raw.ratings.equals(plain) and "ml-1m.zip" in raw.sources
     # a ratings file with another name, users/movies beside it (as in ../shared/data/ml-1m)
     other = tmp_path / "plain" / "ratings-subset.dat"
     other.write_bytes((tmp_path / "plain" / "ratings.dat").read_bytes())
-    assert gd.read_ml1m(other).ratings.equals(plain)
+    assert gd.read_movielens("ml-1m", other).ratings.equals(plain)
 
 
 def write_ml100k(folder, n_users=30, n_items=20, seed=0):
@@ -93,7 +95,7 @@ def write_ml100k(folder, n_users=30, n_items=20, seed=0):
 
 def test_ml100k_same_features(tmp_path):
     folder = write_ml100k(tmp_path / "ml-100k")
-    raw = gd.read_ml100k(folder)
+    raw = gd.read_movielens("ml-100k", folder)
     assert raw.movies["title"].iat[0] == "Amélie (2001)"
     assert set(raw.users["age"]) <= set(gd.ML1M_AGES)
     assert all(1 <= len(g.split("|")) <= 2 for g in raw.movies["genres"])
@@ -111,7 +113,7 @@ def test_label_rule_and_neutral_drop(tmp_path):
     rows = [(1, 1, r, 978300000 + r) for r in (1, 2, 3, 4, 5)] * 4
     rows = [(u + k // 5, m + k, r, t) for k, (u, m, r, t) in enumerate(rows)]
     folder = write_ml1m(tmp_path / "ml", rows)
-    raw = gd.read_ml1m(folder)
+    raw = gd.read_movielens("ml-1m", folder)
     meta, arrays, _ = gd.build(raw, cfg_for(tmp_path, folder, protocol="random"))
     labels = np.concatenate([arrays[s]["label"] for s in gd.SPLITS])
     assert len(labels) == 16 and labels.sum() == 8  # 3s dropped, 4 and 5 positive
@@ -124,7 +126,7 @@ def test_label_rule_and_neutral_drop(tmp_path):
 @pytest.fixture
 def sample(tmp_path):
     folder = write_ml1m(tmp_path / "ml", random_ratings(n_users=60, n_items=40, per_user=15, seed=3))
-    return folder, gd.read_ml1m(folder)
+    return folder, gd.read_movielens("ml-1m", folder)
 
 
 def test_random_split_sizes_and_seed(tmp_path, sample):
@@ -191,7 +193,7 @@ def test_temporal_oov_users_and_prior(tmp_path):
     rows = random_ratings(n_users=20, n_items=15, per_user=6, seed=5)
     late = [(99, m, 5, 2_000_000_000 + m) for m in range(1, 10)]  # a user who only appears at the end
     folder = write_ml1m(tmp_path / "ml", rows + late)
-    meta, a, catalog = gd.build(gd.read_ml1m(folder), cfg_for(tmp_path, folder, protocol="temporal"))
+    meta, a, catalog = gd.build(gd.read_movielens("ml-1m", folder), cfg_for(tmp_path, folder, protocol="temporal"))
     rows99 = a["test"]["user_key"] == 99
     assert rows99.any() and np.all(a["test"]["user_sparse"][rows99, 0] == 0)
     prior = a["train"]["label"].mean()
@@ -236,7 +238,7 @@ def test_synthetic_is_deterministic_ml1m_format(tmp_path):
     b = gd.generate_synthetic(tmp_path / "b", 200, 80, 30, seed=7)
     for name in ("ratings.dat", "users.dat", "movies.dat"):
         assert (a / name).read_bytes() == (b / name).read_bytes()
-    raw = gd.read_ml1m(a)  # the ML-1M reader accepts it: same format
+    raw = gd.read_movielens("ml-1m", a)  # the ML-1M reader accepts it: same format
     assert raw.has_timestamp and raw.ratings["user"].nunique() == 200
     hist = raw.ratings["rating"].value_counts(normalize=True).sort_index().to_numpy()
     np.testing.assert_allclose(hist, [0.056, 0.108, 0.261, 0.349, 0.226], atol=0.02)  # ML-1M's histogram
@@ -258,7 +260,7 @@ def test_cache_reuse_and_invalidation(tmp_path, sample):
     ratings.write_bytes(ratings.read_bytes() + b"1::1::5::978300000\n")
     changed = gd.load_dataset(cfg, quiet=True)
     assert changed.path != first.path and changed.meta["ratings_read"] == first.meta["ratings_read"] + 1
-    split = changed.split("train")
+    split = changed.arrays("train")
     assert split["user_sparse"].dtype == np.int32 and split["label"].dtype == np.float32
     assert split["user_dense"].dtype == np.float32
     assert changed.meta["sources"]["ratings.dat"] == hashlib.md5(ratings.read_bytes()).hexdigest()
@@ -285,39 +287,39 @@ def test_bad_ratings_lines(tmp_path, case):
     folder = write_ml1m(tmp_path / "ml", lines, users=[(1, "F", 1, 10, "48067")],
                         movies=[(1, "A (1999)", "Comedy"), (2, "B (1998)", "Drama")])
     with pytest.raises(UserError, match=message):
-        gd.read_ml1m(folder)
+        gd.read_movielens("ml-1m", folder)
 
 
 def test_bad_files(tmp_path):
     good = write_ml1m(tmp_path / "good", random_ratings())
     with pytest.raises(UserError, match="data not found"):
-        gd.read_ml1m(tmp_path / "nowhere")
+        gd.read_movielens("ml-1m", tmp_path / "nowhere")
     missing = tmp_path / "missing"
     missing.mkdir()
     (missing / "ratings.dat").write_bytes((good / "ratings.dat").read_bytes())
     with pytest.raises(UserError, match="users.dat or users.dat.gz not found"):
-        gd.read_ml1m(missing)
+        gd.read_movielens("ml-1m", missing)
     empty = write_ml1m(tmp_path / "empty", random_ratings())
     (empty / "ratings.dat").write_bytes(b"")
     with pytest.raises(UserError, match="ratings.dat: the file is empty"):
-        gd.read_ml1m(empty)
+        gd.read_movielens("ml-1m", empty)
     trunc = write_ml1m(tmp_path / "trunc", random_ratings(), gz=True)
     data = (trunc / "ratings.dat.gz").read_bytes()
     (trunc / "ratings.dat.gz").write_bytes(data[: len(data) // 2])
     with pytest.raises(UserError, match="ratings.dat.gz: corrupt or truncated gzip"):
-        gd.read_ml1m(trunc)
+        gd.read_movielens("ml-1m", trunc)
     (trunc / "ratings.dat.gz").write_bytes(b"not gzip at all")
     with pytest.raises(UserError, match="corrupt or truncated gzip"):
-        gd.read_ml1m(trunc)
+        gd.read_movielens("ml-1m", trunc)
     zpath = tmp_path / "ml-1m.zip"
     with zipfile.ZipFile(zpath, "w") as z:
         z.write(good / "ratings.dat", "ml-1m/ratings.dat")
     zpath.write_bytes(zpath.read_bytes()[:-30])
     with pytest.raises(UserError, match="ml-1m.zip: not a zip file, or a truncated one"):
-        gd.read_ml1m(zpath)
+        gd.read_movielens("ml-1m", zpath)
     dup = write_ml1m(tmp_path / "dup", [(1, 1, 5, 1)], users=[(1, "F", 1, 1, "1"), (1, "M", 1, 1, "1")])
     with pytest.raises(UserError, match="user id 1 appears twice"):
-        gd.read_ml1m(dup)
+        gd.read_movielens("ml-1m", dup)
 
 
 def test_cli_bad_input_one_line_nothing_written(tmp_path):
@@ -422,11 +424,11 @@ def test_download_offline_auto_falls_back(tmp_path, capsys):
 
 @pytest.mark.realdata
 def test_real_ml1m_row_counts(tmp_path):
-    full = gd.read_ml1m(real_file("ratings-all-users-no-timestamp.dat.gz"))
+    full = gd.read_movielens("ml-1m", real_file("ratings-all-users-no-timestamp.dat.gz"))
     assert len(full.ratings) == 1_000_209 and not full.has_timestamp
     assert len(full.users) == 6040 and len(full.movies) == 3883
     assert full.ratings["rating"].value_counts().sort_index().tolist() == [56174, 107557, 261197, 348971, 226310]
-    part = gd.read_ml1m(real_file("ratings-users-1-2999.dat.gz"))
+    part = gd.read_movielens("ml-1m", real_file("ratings-users-1-2999.dat.gz"))
     assert len(part.ratings) == 487_650 and part.has_timestamp and part.ratings["user"].max() == 2999
     meta, a, _ = gd.build(full, cfg_for(tmp_path, "x", protocol="paper"))
     assert sum(meta["rows"].values()) == 1_000_209 - 261_197

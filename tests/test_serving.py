@@ -9,7 +9,7 @@ import pytest
 import train
 from conftest import ROOT
 from export import export_run
-from infer import Scorer, maxsim
+from scorer import Scorer, maxsim
 from model_config import Config
 from util import UserError
 
@@ -27,12 +27,9 @@ def run(tmp_path_factory):
 
 def model_and_data(cfg, run):
     import get_dataset
-    from eval import load_run
-    from model import build_model
-    _, ckpt, run_cfg, meta = load_run(Config(run_dir=str(run)), {"run_dir"})
-    train.init_mindspore(run_cfg)
-    model = build_model(meta, run_cfg)
-    train.load_checkpoint(model, ckpt)
+    from runtime import load_model, trained_run
+    _, ckpt, run_cfg, meta = trained_run(Config(run_dir=str(run)), {"run_dir"})
+    model = load_model(meta, run_cfg, ckpt)
     model.set_train(False)
     return model, meta, get_dataset.load_dataset(run_cfg, quiet=True)
 
@@ -51,7 +48,7 @@ def test_exported_model_matches_checkpoint(run):
     from mindspore import nn
     cfg, run_dir = run
     model, meta, data = model_and_data(cfg, run_dir)
-    test = data.split("test")
+    test = data.arrays("test")
     inputs = [ms.Tensor(test[k][:97]) for k in meta["inputs"]]
     expected = 1 / (1 + np.exp(-model(*inputs).asnumpy()))
     graph = nn.GraphCell(ms.load(str(run_dir / "export" / "model.mindir")))
@@ -65,7 +62,7 @@ def test_scorer_equals_full_model_logits(run):
     import mindspore as ms
     cfg, run_dir = run
     model, meta, data = model_and_data(cfg, run_dir)
-    users, items = data.catalog("users"), data.catalog("items")
+    users, items = data.arrays("users"), data.arrays("items")
     scorer = Scorer(run_dir / "export")
     for user_row in (0, 7, 42):
         user_id = int(users["key"][user_row])
@@ -120,7 +117,7 @@ def test_last_layer_only_export_is_the_reduced_formula(run, tmp_path):
     fast = Scorer(out)
     assert fast.manifest["last_layer_only"] and fast.manifest["user_shape"][0] == 1
     model, meta, data = model_and_data(cfg, run_dir)
-    users, items = data.catalog("users"), data.catalog("items")
+    users, items = data.arrays("users"), data.arrays("items")
     user_heads = model.user_representation(*[ms.Tensor(users[k][3:4]) for k in ("user_sparse", "user_dense")])
     item_heads = model.item_representation(*[ms.Tensor(items[k]) for k in meta["inputs"][2:]]).asnumpy()
     last = user_heads.asnumpy()[0, -1]  # (H, p): the last user layer only
@@ -159,14 +156,14 @@ def test_onnx_graphs_match_mindspore(run):
     model, meta, data = model_and_data(cfg, run_dir)
     manifest = json.loads((run_dir / "export" / "manifest.json").read_text())
     assert all("ONNX" in manifest["formats"][g] for g in ("model", "user_tower", "item_tower")), manifest["formats"]
-    test = data.split("test")
+    test = data.arrays("test")
     batch = manifest["onnx_batch"]["model"]
     arrays = {k: np.resize(test[k], (batch, *test[k].shape[1:])) for k in meta["inputs"]}
     session = ort.InferenceSession(str(run_dir / "export" / "model.onnx"))
     feed = {i.name: arrays[k] for i, k in zip(session.get_inputs(), meta["inputs"])}
     expected = 1 / (1 + np.exp(-model(*[ms.Tensor(arrays[k]) for k in meta["inputs"]]).asnumpy()))
     np.testing.assert_allclose(session.run(None, feed)[0], expected, atol=1e-5)
-    users = data.catalog("users")
+    users = data.arrays("users")
     session = ort.InferenceSession(str(run_dir / "export" / "user_tower.onnx"))
     feed = {i.name: users[k][:1] for i, k in zip(session.get_inputs(), meta["inputs"][:2])}
     np.testing.assert_allclose(session.run(None, feed)[0][0], Scorer(run_dir / "export").user_vector(

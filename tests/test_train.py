@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 
+import runtime
 import train
 from conftest import ROOT
 from eval import evaluate_run
@@ -36,7 +37,7 @@ def trained(tmp_path_factory):
 def test_learns_clearly_better_than_popularity(trained):
     cfg, metrics, run = trained
     import get_dataset
-    test = get_dataset.load_dataset(cfg, quiet=True).split("test")
+    test = get_dataset.load_dataset(cfg, quiet=True).arrays("test")
     popularity = auc(test["label"], test["item_dense"][:, 0])  # each movie's training positive rate
     assert metrics["steps"] >= 200
     assert metrics["test"]["auc"] > popularity + 0.03, (metrics["test"]["auc"], popularity)
@@ -127,7 +128,7 @@ def test_checkpoint_write_is_atomic(tmp_path, trained, monkeypatch):
     meta = json.loads((run / "data_meta.json").read_text())
     model = build_model(meta, cfg)
     path = tmp_path / "model.ckpt"
-    train.save_checkpoint(model, path)
+    runtime.save_checkpoint(model, path)
     before = path.read_bytes()
 
     def crash(params, name, **kw):  # dies half-way through writing
@@ -136,8 +137,8 @@ def test_checkpoint_write_is_atomic(tmp_path, trained, monkeypatch):
 
     monkeypatch.setattr(ms, "save_checkpoint", crash)
     with pytest.raises(KeyboardInterrupt):
-        train.save_checkpoint(model, path)
-    assert path.read_bytes() == before and train.load_checkpoint(model, path) is None
+        runtime.save_checkpoint(model, path)
+    assert path.read_bytes() == before and runtime.load_checkpoint(model, path) is None
     assert [p.name for p in tmp_path.iterdir()] == ["model.ckpt"]
 
 
@@ -148,12 +149,12 @@ def test_kill_during_save_leaves_previous_checkpoint(tmp_path, trained):
 import sys; sys.path.insert(0, {str(ROOT)!r})
 import mindspore as ms, numpy as np
 from mindspore import nn
-import train
+import runtime
 net = nn.Dense(2000, 2000)
-train.save_checkpoint(net, {str(tmp_path / 'big.ckpt')!r})
+runtime.save_checkpoint(net, {str(tmp_path / 'big.ckpt')!r})
 print("saved", flush=True)
 while True:
-    train.save_checkpoint(net, {str(tmp_path / 'big.ckpt')!r})
+    runtime.save_checkpoint(net, {str(tmp_path / 'big.ckpt')!r})
 """)
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "saved"
@@ -162,7 +163,7 @@ while True:
     proc.wait()
     from mindspore import nn
     net = nn.Dense(2000, 2000)
-    train.load_checkpoint(net, tmp_path / "big.ckpt")  # loads: never half-written
+    runtime.load_checkpoint(net, tmp_path / "big.ckpt")  # loads: never half-written
 
 
 def test_bad_checkpoints_clear_errors(tmp_path, trained):

@@ -6,8 +6,8 @@ from mindspore import nn
 
 import get_dataset
 import model as M
-import train
-from model_config import Config
+import runtime
+from model_config import MODELS, Config
 
 
 @pytest.fixture(scope="module")
@@ -15,25 +15,25 @@ def data(tmp_path_factory):
     cfg = Config(dataset="synthetic", data_dir=str(tmp_path_factory.mktemp("zoo")), synthetic_users=300,
                  synthetic_items=120, synthetic_ratings=30, embed_dim=8, mlp=(32, 16), heads=2, head_dim=8,
                  dropout=0.0, batch_size=128)
-    train.init_mindspore(cfg)
+    runtime.init_mindspore(cfg)
     return cfg, get_dataset.load_dataset(cfg, quiet=True)
 
 
-@pytest.mark.parametrize("name", list(M.MODELS))
+@pytest.mark.parametrize("name", list(MODELS))
 def test_model_trains_with_falling_loss(name, data):
     cfg, dataset = data
     cfg = cfg.replace(model=name)
     ms.set_seed(0)
-    meta, arrays = dataset.meta, dataset.split("train")
+    meta, arrays = dataset.meta, dataset.arrays("train")
     model = M.build_model(meta, cfg)
     step = nn.TrainOneStepCell(M.LossCell(model), nn.Adam(model.trainable_params(), learning_rate=0.01))
     step.set_train(True)
     names = meta["inputs"] + ["label"]
     losses = [float(step(*b).asnumpy()) for epoch in range(3)
-              for b in train.batches(arrays, names, cfg.batch_size, train.epoch_order(0, epoch, len(arrays["label"])))]
+              for b in runtime.batches(arrays, names, cfg.batch_size, runtime.epoch_order(0, epoch, len(arrays["label"])))]
     assert np.mean(losses[-5:]) < np.mean(losses[:5]), (name, losses[:5], losses[-5:])
-    probs = train.predict(model, dataset.split("test"), meta["inputs"], 512)
-    assert probs.shape == (len(dataset.split("test")["label"]),) and ((probs > 0) & (probs < 1)).all()
+    probs = runtime.predict(model, dataset.arrays("test"), meta["inputs"], 512)
+    assert probs.shape == (len(dataset.arrays("test")["label"]),) and ((probs > 0) & (probs < 1)).all()
 
 
 @pytest.mark.parametrize("name", ["inttower", "two_tower", "dat"])
@@ -43,7 +43,7 @@ def test_decoupled_models_score_from_their_towers(name, data):
     model = M.build_model(meta, cfg.replace(model=name))
     assert model.decoupled
     model.set_train(False)
-    test = dataset.split("test")
+    test = dataset.arrays("test")
     inputs = [ms.Tensor(test[k][:50]) for k in meta["inputs"]]
     user = model.user_representation(*inputs[:model.n_user_inputs])
     item = model.item_representation(*inputs[model.n_user_inputs:])
@@ -60,7 +60,7 @@ def test_dat_mimic_loss_only_for_clicks(data):
     cfg, dataset = data
     model = M.build_model(dataset.meta, cfg.replace(model="dat", dat_weight=1.0))
     model.set_train(False)
-    test = dataset.split("test")
+    test = dataset.arrays("test")
     inputs = [ms.Tensor(test[k][:40]) for k in dataset.meta["inputs"]]
     _, extras = model.forward(*inputs)
     user, item, ua, ia = (e.asnumpy() for e in extras)
