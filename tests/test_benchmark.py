@@ -6,6 +6,8 @@ import pytest
 import benchmark
 from util import UserError
 
+pytestmark = pytest.mark.e2e
+
 
 def test_bench_train_times_the_three_loops(tiny_cfg):
     result = benchmark.bench_train(tiny_cfg, repeats=2, steps=3)

@@ -14,9 +14,10 @@ from conftest import ROOT
 from model_config import parse_args
 
 pytestmark = pytest.mark.distributed
-ARGS = ["--dataset", "synthetic", "--synthetic_users", "1000", "--synthetic_items", "150", "--synthetic_ratings", "40",
-        "--mlp", "64,32", "--heads", "2", "--head_dim", "16", "--embed_dim", "16", "--epochs", "4", "--lr", "0.002",
-        "--dropout", "0", "--patience", "0"]
+EPOCHS = 2  # small on purpose: these jobs are in the default suite (the proof that distribution works)
+ARGS = ["--dataset", "synthetic", "--synthetic_users", "600", "--synthetic_items", "120", "--synthetic_ratings", "40",
+        "--mlp", "32,16", "--heads", "2", "--head_dim", "8", "--embed_dim", "8", "--epochs", str(EPOCHS),
+        "--lr", "0.003", "--dropout", "0", "--patience", "0"]
 
 
 def free_port():
@@ -25,11 +26,11 @@ def free_port():
         return s.getsockname()[1]
 
 
-def msrun(tmp_path, script, *args, timeout=600):
+def msrun(tmp_path, script, *args, timeout=600, env=None):
     msrun_bin = shutil.which("msrun", path=str(Path(sys.executable).parent)) or shutil.which("msrun")
     if msrun_bin is None:
         pytest.skip("msrun is not installed beside this Python")
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")  # workers start `python`
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", **(env or {}))  # workers start `python`
     cmd = [msrun_bin, "--worker_num=2", "--local_worker_num=2", f"--master_port={free_port()}",
            f"--log_dir={tmp_path / 'msrun'}", "--join=True", "--cluster_time_out=60", str(script), *args]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
@@ -51,7 +52,7 @@ def test_two_ranks_identical_parameters_and_single_process_auc(tmp_path):
     assert out.returncode == 0, out.logs
     dist = tmp_path / "dist"
     r0, r1 = log(dist, 0), log(dist, 1)
-    assert len(r0) == len(r1) == 4
+    assert len(r0) == len(r1) == EPOCHS
     assert [r["params_md5"] for r in r0] == [r["params_md5"] for r in r1]  # identical weights every epoch
     assert [r["val_auc"] for r in r0] == [r["val_auc"] for r in r1]
     metrics = json.loads((dist / "metrics.json").read_text())
@@ -81,8 +82,10 @@ sys.argv[0] = "train.py"
 train.run_cli(train.main)
 """)
     run = tmp_path / "run"
-    out = msrun(tmp_path, wrapper, *ARGS, "--batch_size", "128", "--data_dir", str(tmp_path / "data"),
-                "--run_dir", str(run))
+    # rank 1 fails in epoch 2; rank 0 then waits in epoch 3's all-reduce until msrun ends the job
+    # MS_NODE_TIMEOUT: the scheduler notices the dead rank after 10 s without a heartbeat (default 30 s)
+    out = msrun(tmp_path, wrapper, *ARGS, "--epochs", "3", "--batch_size", "128", "--data_dir", str(tmp_path / "data"),
+                "--run_dir", str(run), env={"MS_NODE_TIMEOUT": "10"})
     assert out.returncode != 0
     assert "injected failure on rank 1" in out.stdout + out.stderr
     from mindspore import load_checkpoint

@@ -38,6 +38,7 @@ def test_grid_parsing_and_names():
             rx.grid(SimpleNamespace(tune=bad, tune_lr=""))
 
 
+@pytest.mark.e2e
 def test_tuning_picks_best_validation_and_reuses_the_run(tmp_path):
     log = sweep(tmp_path, "--models", "lr", "--seeds", "1", "--protocols", "temporal", "--tune", "lr=0.0002,0.05")
     out = tmp_path / "results"

@@ -13,6 +13,8 @@ from scorer import Scorer, maxsim
 from model_config import Config
 from util import UserError
 
+pytestmark = pytest.mark.e2e  # the module's fixture trains and exports a model
+
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):

@@ -77,6 +77,7 @@ def test_eval_json(trained):
     assert 0.5 < on_disk["gauc"] < 1 and on_disk["logloss"] > 0
 
 
+@pytest.mark.e2e
 def test_resume_equals_uninterrupted(tmp_path, trained):
     """Interrupt after 3 epochs, resume: same metrics as one uninterrupted run (dropout 0)."""
     cfg, full, _ = trained
@@ -93,6 +94,7 @@ def test_resume_refuses_config_changes(tmp_path, trained):
         train.train(Config(resume=str(run), lr=0.1), {"resume", "lr"})
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("poison,message", [("label", "training diverged: loss is nan"),
                                            ("user_dense", "parameters are no longer finite")])
 def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path, trained, monkeypatch, poison, message):
@@ -142,6 +144,7 @@ def test_checkpoint_write_is_atomic(tmp_path, trained, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["model.ckpt"]
 
 
+@pytest.mark.e2e
 def test_kill_during_save_leaves_previous_checkpoint(tmp_path, trained):
     """A real SIGKILL while a big checkpoint is being rewritten in a loop."""
     script = tmp_path / "saver.py"

@@ -19,6 +19,7 @@ def data(tmp_path_factory):
     return cfg, get_dataset.load_dataset(cfg, quiet=True)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", list(MODELS))
 def test_model_trains_with_falling_loss(name, data):
     cfg, dataset = data
