@@ -399,8 +399,9 @@ def data_root(cfg):
 def resolve_source(cfg):
     """(dataset name, path) to read, downloading or generating as the config asks.
 
-    `--dataset auto` uses ML-1M when its files are found (or downloaded) and otherwise says so in one
-    line and falls back to the generated sample; an explicitly requested data set must exist."""
+    `--dataset auto` uses ML-1M when its files are found and otherwise says so in one line and falls back
+    to the generated sample; an explicitly requested data set must exist, and so must a download that was
+    asked for (--download): a failed one is an error that says where to place the files by hand."""
     data_dir = data_root(cfg)
     if cfg.dataset == "synthetic":
         return "synthetic", Path(cfg.data_path) if cfg.data_path else synthetic_path(cfg, data_dir)
@@ -418,10 +419,8 @@ def resolve_source(cfg):
         try:
             return name, download(name, data_dir, cfg.download_url)
         except UserError as e:
-            if cfg.dataset != "auto":
-                raise
-            say(f"NOTE: {e}; using the generated sample (synthetic data) instead")
-            return "synthetic", synthetic_path(cfg, data_dir)
+            raise UserError(f"{e}; download {ARCHIVES[name][0]} elsewhere and pass it with --data_path, or "
+                            f"extract it to {path}") from None
     if cfg.dataset != "auto":
         raise UserError(f"{name} not found in {path}: run with --download, or pass --data_path "
                         f"(a folder, the zip, or a ratings file)")

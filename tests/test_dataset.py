@@ -410,14 +410,18 @@ def test_download_interrupted(tmp_path, server):
     assert not list((tmp_path / "d").iterdir())
 
 
-def test_download_offline_auto_falls_back(tmp_path, capsys):
+def test_download_offline_is_an_error_auto_or_not(tmp_path, capsys):
+    """A download that was asked for and failed never falls back to the generated sample."""
     from model_config import Config
     cfg = Config(download=True, download_url="http://127.0.0.1:9", data_dir=str(tmp_path),
                  synthetic_users=50, synthetic_items=30, synthetic_ratings=20)
-    assert gd.resolve_source(cfg)[0] == "synthetic"
-    assert "using the generated sample" in capsys.readouterr().out
-    with pytest.raises(UserError, match="cannot download"):
-        gd.resolve_source(cfg.replace(dataset="ml-1m"))
+    for dataset in ("auto", "ml-1m"):
+        with pytest.raises(UserError, match="cannot download .* pass it with --data_path, or extract it to"):
+            gd.resolve_source(cfg.replace(dataset=dataset))
+    assert "generated sample" not in capsys.readouterr().out
+    out = subprocess.run([sys.executable, "get_dataset.py", "--download", "--download_url", "http://127.0.0.1:9",
+                          "--data_dir", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 1 and out.stderr.startswith("error: cannot download") and "Traceback" not in out.stderr
 
 
 # ---------------------------------------------------------------- the genuine files
