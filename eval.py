@@ -37,7 +37,7 @@ def evaluate_run(cfg, overrides=frozenset()):
 
 
 def main():
-    cfg, overrides = parse_args(prog="eval.py", description=__doc__.split("\n\n")[0])
+    cfg, overrides = parse_args(prog="eval.py", description=__doc__.split("\n\n")[0], roles=("source", "run"))
     evaluate_run(cfg, overrides)
 
 

@@ -170,7 +170,8 @@ def export_run(cfg, overrides=frozenset()):
 
 
 def main():
-    cfg, overrides = parse_args(prog="export.py", description=__doc__.split("\n\n")[0])
+    cfg, overrides = parse_args(prog="export.py", description=__doc__.split("\n\n")[0], roles=("source", "run"),
+                                extra=("last_layer_only",))
     export_run(cfg, overrides)
 
 

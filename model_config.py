@@ -211,9 +211,11 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def build_parser(prog, description=""):
+def build_parser(prog, description="", keys=None):
     parser = Parser(prog=prog, description=description, usage="%(prog)s [--key value ...]")
     for f in dataclasses.fields(Config):
+        if keys is not None and f.name not in keys:
+            continue
         kind = {bool: _to_bool, tuple: _to_ints}.get(f.type, f.type)
         extra = {"nargs": "?", "const": True} if kind is _to_bool else {}
         parser.add_argument(f"--{f.name}", type=kind, default=argparse.SUPPRESS,
@@ -222,13 +224,21 @@ def build_parser(prog, description=""):
     return parser
 
 
-def parse_args(argv=None, prog=None, description="", base=None):
-    """Config from `--key value` pairs (over `base` or the defaults); exits with one line on misuse."""
+def parse_args(argv=None, prog=None, description="", base=None, roles=None, extra=()):
+    """Config from `--key value` pairs (over `base` or the defaults); exits with one line on misuse.
+
+    `roles` (and `extra` keys) limit the options to those a command reading a trained run may change
+    (eval.py, export.py): the others are fixed by the run's config.json and not offered."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(prog or sys.argv[0], description)
-    keys = {f"--{f.name}" for f in dataclasses.fields(Config)}
+    accepted = None if roles is None else keys_of(*roles) | set(extra)
+    parser = build_parser(prog or sys.argv[0], description, accepted)
+    every = {f"--{f.name}" for f in dataclasses.fields(Config)}
+    keys = every if accepted is None else {f"--{k}" for k in accepted}
     for arg in argv:
         name = arg.split("=", 1)[0]
+        if name in every - keys:
+            parser.error(f"{name} is fixed by the trained run (its config.json): {parser.prog} takes only "
+                         f"where the data is and how it runs (see --help)")
         if name.startswith("--") and name not in keys and name != "--help":
             close = difflib.get_close_matches(name, keys, n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""

@@ -244,12 +244,23 @@ def test_config_overrides_are_typed():
 
 
 def test_same_options_in_every_command():
-    for script in ("train.py", "eval.py", "get_dataset.py"):
+    for script in ("train.py", "get_dataset.py"):
         out = run_cli(script, "--help")
         assert out.returncode == 0
         for key in ("--dataset", "--data_path", "--protocol", "--model", "--epochs", "--batch_size", "--lr",
                     "--seed", "--patience", "--device_target", "--output_dir", "--run_dir"):
             assert key in out.stdout, (script, key)
+    # commands that read a trained run offer only what they may change: where the data is, how they run
+    for script in ("eval.py", "export.py"):
+        out = run_cli(script, "--help")
+        assert out.returncode == 0
+        for key in ("--dataset", "--data_path", "--device_target", "--run_dir", "--checkpoint"):
+            assert key in out.stdout, (script, key)
+        for key in ("--model", "--lr", "--epochs", "--protocol", "--heads"):
+            assert key not in out.stdout, (script, key)
+        out = run_cli(script, "--run_dir", "x", "--lr", "0.1")
+        assert out.returncode == 2 and "--lr is fixed by the trained run" in out.stderr
+    assert "--last_layer_only" in run_cli("export.py", "--help").stdout
 
 
 @pytest.mark.slow
