@@ -122,9 +122,30 @@ def export_graphs(model, folder, arrays, meta):
     return formats
 
 
+def check_round_trip(model, folder, users, items, meta, pairs=64):
+    """The files in `folder` reproduce the trained model on `pairs` (user, item) pairs of the catalogue:
+    model.mindir's probabilities and the scorer's index scores equal the model's (else UserError, and the
+    previous export is kept)."""
+    import mindspore as ms
+    from mindspore import nn
+    from scorer import Scorer
+    u, i = np.arange(pairs) % len(users["key"]), (np.arange(pairs) * 7) % len(items["key"])
+    inputs = [ms.Tensor(users[k][u]) for k in tower_inputs(meta["towers"], "user")] + \
+             [ms.Tensor(items[k][i]) for k in tower_inputs(meta["towers"], "item")]
+    logits = model(*inputs).asnumpy()
+    probs = nn.GraphCell(ms.load(str(folder / "model.mindir")))(*inputs).asnumpy()
+    scorer = Scorer(folder)
+    scores = np.array([scorer.scores(scorer.user_vector(int(users["key"][a]))[0], np.array([b]))[0]
+                       for a, b in zip(u, i)])
+    for what, got, want in (("model.mindir", probs, 1 / (1 + np.exp(-logits))), ("the item index", scores, logits)):
+        if not np.allclose(got, want, rtol=1e-4, atol=1e-4):
+            raise UserError(f"the export does not reproduce the trained model ({what}: largest difference "
+                            f"{np.abs(got - want).max():.2e}); the previous export, if any, is kept")
+
+
 def export_run(cfg, overrides=frozenset()):
     """Write the export folder (default RUN/export) under a temporary name; it replaces the old one only
-    once every file is written."""
+    once every file is written and the round trip (check_round_trip) reproduces the model."""
     import mindspore as ms
     model, run_dir, checkpoint, run_cfg, meta, truncated = trained_model(cfg, overrides)
     out = Path(cfg.output_dir) if "output_dir" in overrides else run_dir / "export"
@@ -157,6 +178,7 @@ def export_run(cfg, overrides=frozenset()):
             "files": {p.name: md5_file(p) for p in sorted(tmp.iterdir())},
         }
         write_json(tmp / "manifest.json", manifest)
+        check_round_trip(model, tmp, users, items, meta)
         if out.exists():
             shutil.rmtree(out)
         out.parent.mkdir(parents=True, exist_ok=True)

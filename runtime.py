@@ -16,12 +16,20 @@ from pathlib import Path
 import numpy as np
 
 from model_config import Config, keys_of
-from util import UserError, atomic_write, auc, gauc, logloss, read_json
+from util import UserError, atomic_write, auc, gauc, logloss, read_json, signals_mode
+
+
+def import_mindspore():
+    """`import mindspore`, with SIGINT/SIGTERM deferred: interrupted half-way, its C++ initialisation
+    aborts the process with a fatal error instead of stopping cleanly."""
+    with signals_mode("defer"):
+        import mindspore as ms
+    return ms
 
 
 def init_mindspore(cfg):
     """GRAPH_MODE on cfg.device_target, seeds of MindSpore and NumPy set; returns the mindspore module."""
-    import mindspore as ms
+    ms = import_mindspore()
     ms.set_context(mode=ms.GRAPH_MODE)
     try:
         ms.set_device(cfg.device_target)
@@ -86,43 +94,83 @@ def train_step(model, cfg):
     Under msrun's DATA_PARALLEL context TrainOneStepCell inserts the gradient all-reduce."""
     from mindspore import nn
     from model import LossCell
-    optimizer = nn.Adam(model.trainable_params(), learning_rate=cfg.lr, weight_decay=cfg.weight_decay)
+    with quiet_sparse_adam_warning():
+        optimizer = nn.Adam(model.trainable_params(), learning_rate=cfg.lr, weight_decay=cfg.weight_decay)
     return nn.TrainOneStepCell(LossCell(model), optimizer)
+
+
+class quiet_sparse_adam_warning:
+    """nn.Adam always builds a FusedSparseAdam operator for sparse gradients, and MindSpore 2.10 warns that
+    the operator is deprecated. Our embeddings give dense gradients, so the operator is never run: the
+    warning is noise at every start. It is filtered while the optimizer is built, nothing else."""
+
+    @staticmethod
+    def filter(record):
+        return "FusedSparseAdam" not in record.getMessage()
+
+    def __enter__(self):
+        from mindspore import log
+        self.logger = log._get_logger()  # MindSpore's logger: a per-process name, no public accessor
+        self.logger.addFilter(self.filter)
+
+    def __exit__(self, *exc):
+        self.logger.removeFilter(self.filter)
 
 
 # ---------------------------------------------------------------- checkpoints
 
-def params_md5(cell):
-    """A checksum of every parameter (by name): equal on all ranks of a data-parallel job."""
+def params_md5(named_params):
+    """A checksum of parameters by name (a cell, or a dict name -> Parameter): equal on all ranks of a
+    data-parallel job, and stored in every checkpoint to verify it when it is loaded."""
+    if not isinstance(named_params, dict):
+        named_params = dict(named_params.parameters_and_names())
     digest = hashlib.md5()
-    for name, p in sorted(cell.parameters_and_names(), key=lambda x: x[0]):
+    for name in sorted(named_params):
         digest.update(name.encode())
-        digest.update(p.asnumpy().tobytes())
+        digest.update(named_params[name].asnumpy().tobytes())
     return digest.hexdigest()
 
 
 def save_checkpoint(cell, path, state=None):
-    """Write a checkpoint atomically (MindSpore's save deletes the old file before writing)."""
-    import mindspore as ms
+    """Write a checkpoint atomically (MindSpore's save deletes the old file before writing), with a CRC of
+    the file and the md5 of the parameter values inside it; SIGINT/SIGTERM wait until it is written."""
+    ms = import_mindspore()
     params = [{"name": name, "data": p} for name, p in cell.parameters_and_names()]
-    extra = {"train_state": json.dumps(state)} if state is not None else None
-    atomic_write(path, lambda tmp: ms.save_checkpoint(params, tmp, append_dict=extra, format="ckpt"))
+    extra = {"params_md5": params_md5(cell)}
+    if state is not None:
+        extra["train_state"] = json.dumps(state)
+    with signals_mode("defer"):
+        atomic_write(path, lambda tmp: ms.save_checkpoint(params, tmp, append_dict=extra, format="ckpt",
+                                                          crc_check=True))
 
 
-def load_checkpoint(cell, path):
-    """Load `path` into `cell`, refusing missing, unexpected or mis-shaped parameters; returns the
-    train state stored with it (or None)."""
-    import mindspore as ms
+def read_checkpoint(path):
+    """(parameters by name, train state or None) of a checkpoint written by save_checkpoint, verified: a file
+    that is truncated, not a checkpoint, or whose bytes changed since it was written is refused in one line."""
+    ms = import_mindspore()
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     try:
-        stored = ms.load_checkpoint(str(path), crc_check=False)
+        stored = ms.load_checkpoint(str(path), crc_check=True)
     except (ValueError, RuntimeError, TypeError, OSError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path} is not a readable MindSpore checkpoint (truncated or another file?): "
-                        f"{reason}") from None
-    state = stored.pop("train_state", None)
+        raise UserError(f"{path} is not a readable MindSpore checkpoint (truncated, corrupted or another "
+                        f"file): {reason}") from None
+    state, digest = stored.pop("train_state", None), stored.pop("params_md5", None)
+    if digest is None:
+        raise UserError(f"{path} has no checksum of its parameters (not written by this project's train.py, "
+                        f"or by a version before checkpoints were verified): it cannot be verified")
+    if params_md5(stored) != str(digest):
+        raise UserError(f"{path} is corrupted: its parameters do not match the checksum written with them")
+    return stored, json.loads(str(state)) if state is not None else None
+
+
+def load_checkpoint(cell, path):
+    """Load a verified checkpoint (read_checkpoint) into `cell`, refusing missing, unexpected or mis-shaped
+    parameters; returns the train state stored with it (or None)."""
+    path = Path(path)
+    stored, state = read_checkpoint(path)
     own = dict(cell.parameters_and_names())
     missing = sorted(set(own) - set(stored))
     unexpected = sorted(set(stored) - set(own))
@@ -136,7 +184,7 @@ def load_checkpoint(cell, path):
             raise UserError(f"{path}: parameter {name} has shape {tuple(value.shape)}, the model expects "
                             f"{tuple(param.shape)}: vocabulary sizes or layer sizes differ from this data/config")
         param.set_data(value if value.dtype == param.dtype else value.astype(param.dtype))
-    return json.loads(state) if isinstance(state, str) else None
+    return state
 
 
 # ---------------------------------------------------------------- saved runs

@@ -13,6 +13,8 @@ import json
 import math
 import os
 import resource
+import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -20,10 +22,10 @@ import numpy as np
 from tqdm import tqdm
 
 from get_dataset import load_dataset
-from model_config import parse_args
+from model_config import keys_of, parse_args
 from runtime import (batches, epoch_order, evaluate, init_mindspore, load_checkpoint, params_md5, restore_run,
                      save_checkpoint, train_step)
-from util import UserError, run_cli, say, write_json
+from util import Interrupted, UserError, run_cli, say, signals_mode, stop_requested, write_json
 
 
 # ---------------------------------------------------------------- the run
@@ -107,20 +109,27 @@ class World:
                 start += p.size
 
 
-def new_run_dir(cfg, meta):
+def choose_run_dir(cfg, meta):
+    """The new run's directory (not created yet: see Trainer.keep)."""
     if cfg.run_dir:
         path = Path(cfg.run_dir)
         if path.exists() and any(path.iterdir()):
             raise UserError(f"run directory {path} is not empty: use --resume {path} or another --run_dir")
-    else:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        path = Path(cfg.output_dir) / f"{stamp}-{cfg.model}-{meta['dataset']}-{meta['protocol']}-seed{cfg.seed}"
-        k = 1
-        while path.exists():
-            path = path.with_name(f"{path.name.split('+')[0]}+{k}")
-            k += 1
-    path.mkdir(parents=True, exist_ok=True)
+        return path
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = Path(cfg.output_dir) / f"{stamp}-{cfg.model}-{meta['dataset']}-{meta['protocol']}-seed{cfg.seed}"
+    k = 1
+    while path.exists():
+        path = path.with_name(f"{path.name.split('+')[0]}+{k}")
+        k += 1
     return path
+
+
+def config_summary(cfg):
+    """The keys that differ from the defaults (the whole config goes to the run's config.json)."""
+    default, where = type(cfg)().to_dict(), keys_of("run")  # the run directory is printed on its own
+    changed = [f"{k}={v}" for k, v in cfg.to_dict().items() if v != default[k] and k not in where]
+    return f"{cfg.model}, " + (" ".join(changed) if changed else "defaults")
 
 
 class Trainer:
@@ -139,24 +148,53 @@ class Trainer:
         if self.steps_per_epoch == 0:
             raise UserError(f"{self.n_train} training rows is less than one batch of {cfg.batch_size}: "
                             f"lower --batch_size")
-        run_dir = Path(cfg.resume) if cfg.resume else (new_run_dir(cfg, meta) if world.is_main else None)
+        run_dir = Path(cfg.resume) if cfg.resume else (choose_run_dir(cfg, meta) if world.is_main else None)
         self.run_dir = world.broadcast_path(run_dir)
-        if world.is_main and not cfg.resume:
-            write_json(self.run_dir / "config.json", cfg.to_dict())
-            write_json(self.run_dir / "data_meta.json", {**meta, "cache": str(data.path)})
+        self.created = False  # whether this process made the run directory (see keep / discard)
         if world.is_main:
-            say(f"config: {json.dumps(cfg.to_dict())}")
+            say(f"config: {config_summary(cfg)}")
         self.model = build_model(meta, cfg)
         self.step = train_step(self.model, cfg)
         self.state = {"epoch": 0, "step": 0, "best_auc": -1.0, "best_epoch": 0, "bad_epochs": 0, "seconds": 0.0}
-        if cfg.resume:
+        if cfg.resume and (self.run_dir / "last.ckpt").exists():
             self.state = load_checkpoint(self.step, self.run_dir / "last.ckpt") or self.state
             say(f"resuming {self.run_dir} after epoch {self.state['epoch']} (step {self.state['step']})")
+        elif cfg.resume:
+            say(f"{self.run_dir} has no checkpoint yet (stopped during its first epoch): training it from the start")
         self.parameters = describe(self.model)["parameters"]
         if world.is_main:
             say(f"model: {cfg.model} ({self.parameters:,} parameters); run: {self.run_dir}; "
                 f"{self.n_train:,} training rows per {'rank' if world.size > 1 else 'epoch'}")
         self.log_path = self.run_dir / f"log{world.suffix}.jsonl"
+
+    def keep(self):
+        """Create the run directory with its config.json and data_meta.json: at the end of the first epoch,
+        when there is a checkpoint to keep, so a refused or interrupted start leaves nothing behind."""
+        if not self.run_dir.exists():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.created = True
+        if self.world.is_main and not (self.run_dir / "config.json").exists():
+            write_json(self.run_dir / "config.json", self.cfg.to_dict())
+            write_json(self.run_dir / "data_meta.json", {**self.data.meta, "cache": str(self.data.path)})
+
+    def discard(self):
+        """After a failure: a run directory this process made and that holds no checkpoint to resume from
+        is removed (the directory of a run that has one is kept as it is)."""
+        if self.created and self.world.is_main and not (self.run_dir / "last.ckpt").exists():
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def stop_if_asked(self, epoch, where):
+        """At a step boundary: raise Interrupted if SIGINT/SIGTERM arrived, saying what is kept."""
+        signum = stop_requested()
+        if signum is None:
+            return
+        name = signal.Signals(signum).name
+        done = self.state["epoch"]
+        if done:
+            kept = f"{self.run_dir} keeps the model after epoch {done}: resume with python train.py --resume {self.run_dir}"
+        else:
+            kept = "before the first checkpoint: nothing was kept"
+        raise Interrupted(signum, f"interrupted by {name} {where} epoch {epoch + 1} (step {self.state['step']}); {kept}")
 
     def budget_spent(self):
         return bool(self.cfg.max_steps) and self.state["step"] >= self.cfg.max_steps
@@ -174,10 +212,13 @@ class Trainer:
             if not math.isfinite(loss):
                 bar.close()
                 raise UserError(f"training diverged: loss is {loss} at epoch {epoch + 1}, step {state['step'] + 1}; "
-                                f"the last good checkpoint is kept in {self.run_dir} (try a lower --lr)")
+                                f"{self.kept_note()} (try a lower --lr)")
             losses.append(loss)
             state["step"] += 1
             bar.update(1)
+            if stop_requested() is not None:
+                bar.close()
+                self.stop_if_asked(epoch, "during")
             if len(losses) % 10 == 0:
                 rate = len(losses) * cfg.batch_size * self.world.size / (time.perf_counter() - started)
                 bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", samples_per_s=f"{rate:,.0f}")
@@ -192,7 +233,7 @@ class Trainer:
         world.sync_statistics(model)
         if not all(np.isfinite(p.asnumpy()).all() for p in model.get_parameters()):
             raise UserError(f"parameters are no longer finite after epoch {epoch + 1} (NaN or inf in the inputs or "
-                            f"gradients); the last good checkpoint is kept in {self.run_dir}")
+                            f"gradients); {self.kept_note()}")
         train_seconds = time.perf_counter() - started
         record = {"epoch": epoch + 1, "step": state["step"], "train_loss": float(np.mean(losses)),
                   "train_seconds": round(train_seconds, 2), "params_md5": params_md5(model),
@@ -200,6 +241,7 @@ class Trainer:
         val = evaluate(model, self.val_arrays, self.names, cfg.eval_batch_size)  # the same on every rank
         record.update(val_auc=val["auc"], val_logloss=val["logloss"])
         improved = val["auc"] > state["best_auc"]
+        self.keep()
         if improved:
             state.update(best_auc=val["auc"], best_epoch=epoch + 1, bad_epochs=0)
             if world.is_main:
@@ -222,13 +264,21 @@ class Trainer:
             return True
         return False
 
+    def kept_note(self):
+        return (f"the last good checkpoint is kept in {self.run_dir}" if self.state["epoch"]
+                else "no checkpoint had been written yet")
+
     def fit(self):
-        for epoch in range(self.state["epoch"], self.cfg.epochs):
-            if self.budget_spent():
-                break
-            started = time.perf_counter()
-            if self.end_epoch(epoch, self.train_epoch(epoch), started):
-                break
+        """The epochs, with SIGINT/SIGTERM taken at step boundaries (util.signals_mode 'flag')."""
+        with signals_mode("flag"):
+            for epoch in range(self.state["epoch"], self.cfg.epochs):
+                if self.budget_spent():
+                    break
+                started = time.perf_counter()
+                stop = self.end_epoch(epoch, self.train_epoch(epoch), started)
+                self.stop_if_asked(epoch, "at the end of")
+                if stop:
+                    break
 
     def test(self):
         """The best checkpoint on the test split; writes and returns metrics.json (rank 0 only)."""
@@ -264,7 +314,11 @@ def train(cfg, overrides=frozenset()):
     if world.is_scheduler:  # msrun's scheduler process: init() ran the job, nothing else to do
         return None
     trainer = Trainer(cfg, load_dataset(cfg, quiet=not world.is_main), world)
-    trainer.fit()
+    try:
+        trainer.fit()
+    except BaseException:
+        trainer.discard()
+        raise
     return trainer.test() if world.is_main else None
 
 

@@ -4,9 +4,11 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -20,15 +22,80 @@ class UserError(Exception):
     """A problem the user can fix (bad input, missing file...): printed as one line, no traceback."""
 
 
+class Interrupted(Exception):
+    """SIGINT or SIGTERM stopped the command; str() says where and what to do next."""
+
+    def __init__(self, signum, message=""):
+        super().__init__(message or f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+# Signals: SIGINT (Ctrl-C) and SIGTERM stop a command cleanly, in one of three modes:
+#   raise : at once, as an Interrupted exception (start-up, evaluation, export...);
+#   defer : at the end of a critical section (importing MindSpore, whose C++ initialisation aborts the
+#           process if interrupted; writing a checkpoint);
+#   flag  : at the next step boundary of the training loop (stop_requested()), so a compiled step is never
+#           cut in half. MindSpore's runtime turns a SIGINT that arrives during a compiled step into a
+#           SIGTERM to its own process, so such a Ctrl-C is reported as SIGTERM.
+# A second signal, or a command stuck for GRACE_SECONDS in a call that cannot be interrupted (a compiled
+# step waiting for a dead rank), ends the process at once: checkpoints are written atomically, so the last
+# good one is intact either way.
+GRACE_SECONDS = 10
+_signals = {"pending": None, "mode": "raise"}
+
+
+def _force_exit(signum, why):
+    sys.stderr.write(f"\ninterrupted by {signal.Signals(signum).name} ({why}); stopping now, the last "
+                     f"checkpoint is intact\n")
+    sys.stderr.flush()
+    os._exit(128 + signum)
+
+
+def _on_signal(signum, frame):
+    if _signals["pending"] is not None:
+        _force_exit(signum, "second signal")
+    _signals["pending"] = signum
+    if _signals["mode"] == "raise":
+        raise Interrupted(signum)
+    timer = threading.Timer(GRACE_SECONDS, _force_exit, (signum, f"no clean stop within {GRACE_SECONDS} s"))
+    timer.daemon = True
+    timer.start()
+
+
+@contextlib.contextmanager
+def signals_mode(mode):
+    """Within the block, SIGINT/SIGTERM are handled as `mode` ('defer' or 'flag'); a signal deferred in it
+    is raised as Interrupted when the block ends (unless an outer block defers it further)."""
+    previous, _signals["mode"] = _signals["mode"], mode
+    try:
+        yield
+    finally:
+        _signals["mode"] = previous
+    if previous == "raise" and _signals["pending"] is not None:
+        raise Interrupted(_signals["pending"])
+
+
+def stop_requested():
+    """The signal number received in 'flag' mode (None if none): the caller stops at this boundary."""
+    return _signals["pending"]
+
+
 def run_cli(main):
-    """Run a command's main(); a UserError becomes `error: ...` on stderr and exit status 1."""
+    """Run a command's main(): a UserError becomes `error: ...` on stderr and exit status 1; SIGINT and
+    SIGTERM become one line `interrupted ...` and exit status 130 or 143 (128 + the signal)."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(signum) is not signal.SIG_IGN:  # nohup / background jobs keep ignoring them
+            signal.signal(signum, _on_signal)
     try:
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except Interrupted as e:
+        print(f"\n{e}", file=sys.stderr)
+        sys.exit(128 + e.signum)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("\ninterrupted by SIGINT", file=sys.stderr)
         sys.exit(130)
 
 
