@@ -3,12 +3,20 @@
     from scorer import Scorer
     Scorer("runs/RUN/export").recommend(user_id=1, top_k=10)
 
-Used by infer.py (one request from the command line), benchmark.py and run_experiments.py (latency).
-The FE score of one user against N items is one matrix product over the contiguous index
-(N*H x p by p x L*H), a max over item heads and a sum. Unknown users and items take the
+Used by infer.py (one request from the command line), serve.py (the HTTP service), benchmark.py and
+run_experiments.py (latency). The FE score of one user against N items is one matrix product over the
+contiguous index (N*H x p by p x L*H), a max over item heads and a sum. Unknown users and items take the
 out-of-vocabulary path (id 0, prior statistics) instead of failing.
+
+The user tower runs through ONNX Runtime on the export's batch-1 user_tower.onnx when it is there (about
+10x less dispatch than nn.GraphCell for this small graph; equal to the MINDIR within 1e-5, tested), else
+through the MINDIR. maxsim() in float32 is the reference every other scoring path is tested against:
+maxsim_batch (many users in one GEMM), CompressedIndex (int8 / bfloat16 / float16 storage, exact re-scoring
+of a shortlist) and IVFRetriever (a shortlist from one pooled vector per item, for large catalogues).
+Measurements and what was rejected: docs/serving.md.
 """
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -46,12 +54,164 @@ def maxsim(user, items_by_head, out=None):
     return best @ np.ones(len(user), np.float32)
 
 
+def maxsim_batch(users, items_by_head):
+    """maxsim() of B users (B, L, H, p) against the same N items (H, N, p) -> (B, N), with one GEMM for all
+    users ((H*N, p) x (p, B*L*H)): the throughput mode, each item row is read once for the whole batch."""
+    heads, n, dim = items_by_head.shape
+    b = len(users)
+    users = np.asarray(users, np.float32).reshape(b, -1, dim)
+    dots = (items_by_head.reshape(heads * n, dim) @ users.reshape(-1, dim).T).reshape(heads, n, b, -1)
+    return dots.max(0).sum(-1).T
+
+
+def best_first(scores, k):
+    """Positions of the k best scores, best first (stable among ties)."""
+    k = min(k, len(scores))
+    best = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
+    return best[np.argsort(-scores[best], kind="stable")]
+
+
+class CompressedIndex:
+    """A head-major index stored compressed and scored block by block: each block of `block` items is widened
+    to float32 in a buffer that stays in cache, then scored as maxsim() does.
+
+    kinds: "int8" (one scale per item head vector, symmetric), "bfloat16" (the upper 16 bits of float32),
+    "float16". top_k() re-scores a shortlist of the approximate best exactly from the float32 index
+    (ColBERT/PLAID style), so only the shortlist's membership is approximate."""
+
+    KINDS = ("int8", "bfloat16", "float16")
+
+    def __init__(self, items_by_head, kind, block=512):
+        if kind not in self.KINDS:
+            raise UserError(f"unknown index compression {kind!r}; choose one of {', '.join(self.KINDS)}")
+        self.exact, self.kind, self.block = items_by_head, kind, block
+        heads, n, dim = items_by_head.shape
+        if kind == "int8":
+            self.scale = np.maximum(np.abs(items_by_head).max(-1, keepdims=True), 1e-12) / 127
+            self.data = np.round(items_by_head / self.scale).astype(np.int8)
+        elif kind == "bfloat16":  # round to nearest even on the dropped 16 bits
+            bits = items_by_head.view(np.uint32)
+            self.data = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+        else:
+            self.data = items_by_head.astype(np.float16)
+        self.nbytes = self.data.nbytes + (self.scale.nbytes if kind == "int8" else 0)
+
+    def _widen(self, start, stop, out):
+        part = self.data[:, start:stop]
+        if self.kind == "int8":
+            np.multiply(part, self.scale[:, start:stop], out=out)
+        elif self.kind == "bfloat16":
+            np.left_shift(part, 16, out=out.view(np.uint32), dtype=np.uint32)
+        else:
+            out[...] = part
+
+    def scores(self, user):
+        """Approximate maxsim() over every item."""
+        heads, n, dim = self.data.shape
+        wide = np.empty((heads, self.block, dim), np.float32)
+        result = np.empty(n, np.float32)
+        for start in range(0, n, self.block):
+            stop = min(n, start + self.block)
+            self._widen(start, stop, wide[:, :stop - start])
+            result[start:stop] = maxsim(user, wide[:, :stop - start])
+        return result
+
+    def top_k(self, user, k, shortlist=None):
+        """(rows, exact scores) of the k best items: the `shortlist` (default 4k) best by the compressed
+        index, re-scored exactly with float32 maxsim()."""
+        rows = best_first(self.scores(user), max(k, shortlist or 4 * k))
+        exact = maxsim(user, self.exact[:, rows])
+        best = best_first(exact, k)
+        return rows[best], exact[best]
+
+
+class IVFRetriever:
+    """Catalogue-scale retrieval: a shortlist from one pooled vector per item, then exact maxsim() on it.
+
+    The pooled item vector is the mean of its H head vectors and the query the sum of the user's L*H heads:
+    their inner product is a lower bound of MaxSim (a mean never exceeds a max). The pooled vectors are
+    clustered by k-means into `lists` cells stored contiguously (an inverted file, as faiss's IVF-Flat);
+    a query scores the centroids, takes the items of its `nprobe` best cells, ranks them by the pooled inner
+    product and scores the best `shortlist` exactly. lists=1 is the exact pooled search over every item."""
+
+    def __init__(self, items_by_head, lists=1024, iterations=8, seed=0, sample=256):
+        self.by_head = items_by_head
+        pooled = items_by_head.mean(0)  # (N, p)
+        n = len(pooled)
+        lists = max(1, min(lists, n))
+        rng = np.random.default_rng(seed)
+        if lists == 1:
+            cells = np.zeros(n, np.int64)
+            self.centroids = pooled.mean(0, keepdims=True)
+        else:  # k-means on a sample of `sample` points per cell, then every item to its nearest centroid
+            train = pooled[rng.choice(n, min(n, lists * sample), replace=False)]
+            self.centroids = train[rng.choice(len(train), lists, replace=False)].copy()
+            for _ in range(iterations):
+                near = self._nearest(train)
+                sums = np.zeros_like(self.centroids)
+                np.add.at(sums, near, train)
+                counts = np.bincount(near, minlength=lists)[:, None]
+                self.centroids = np.where(counts > 0, sums / np.maximum(counts, 1), self.centroids)
+            cells = self._nearest(pooled)
+        self.order = np.argsort(cells, kind="stable")  # index rows, cell by cell
+        self.offsets = np.searchsorted(cells[self.order], np.arange(lists + 1))
+        self.pooled = np.ascontiguousarray(pooled[self.order])
+
+    def _nearest(self, points, chunk=65536):
+        half_norms = (self.centroids * self.centroids).sum(1) / 2
+        return np.concatenate([np.argmax(points[s:s + chunk] @ self.centroids.T - half_norms, 1)
+                               for s in range(0, len(points), chunk)])
+
+    def top_k(self, user, k, nprobe=32, shortlist=1000):
+        """(index rows, exact MaxSim scores) of the k best items found."""
+        query = user.reshape(-1, user.shape[-1]).sum(0)
+        cells = best_first(self.centroids @ query, nprobe)
+        positions = np.concatenate([np.arange(self.offsets[c], self.offsets[c + 1]) for c in cells])
+        keep = positions[best_first(self.pooled[positions] @ query, max(k, shortlist))]
+        rows = self.order[keep]
+        exact = maxsim(user, self.by_head[:, rows])
+        best = best_first(exact, k)
+        return rows[best], exact[best]
+
+
+class OnnxUserTower:
+    """ONNX Runtime on the export's user_tower.onnx (fixed batch 1): one user per call, inputs and output
+    bound once so a call is only the graph's own work."""
+
+    def __init__(self, path, names, shapes):
+        import onnxruntime as ort
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1  # a batch-1 MLP: a second thread buys nothing (measured), MaxSim wants it
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.inputs = [np.zeros(shapes[k], dtype) for k, dtype in names]
+        self.output = np.empty(self.session.get_outputs()[0].shape, np.float32)
+        self.binding = self.session.io_binding()
+        for node, array in zip(self.session.get_inputs(), self.inputs):
+            self.binding.bind_cpu_input(node.name, array)
+        self.binding.bind_output(self.session.get_outputs()[0].name, "cpu", 0, np.float32, list(self.output.shape),
+                                 self.output.ctypes.data)
+        self._lock = threading.Lock()  # the bound buffers are shared: one call at a time
+
+    def __call__(self, arrays):
+        with self._lock:
+            for buffer, array in zip(self.inputs, arrays):
+                buffer[...] = array
+            self.session.run_with_iobinding(self.binding)
+            return self.output[0].copy()
+
+
 class Scorer:
     """Loads an export (manifest-checked) and scores candidates for users."""
 
-    def __init__(self, export_dir, check_files=True):
+    USER_TOWERS = ("auto", "onnx", "mindir")
+
+    def __init__(self, export_dir, check_files=True, user_tower="auto"):
         import mindspore as ms
+        import pandas as pd
         from mindspore import nn
+        if user_tower not in self.USER_TOWERS:
+            raise UserError(f"unknown user tower backend {user_tower!r}; choose one of {', '.join(self.USER_TOWERS)}")
         self.dir = Path(export_dir)
         if not (self.dir / "manifest.json").is_file():
             raise UserError(f"{self.dir} is not an export (no manifest.json): run python export.py --run_dir RUN")
@@ -72,26 +232,42 @@ class Scorer:
             self.index = self.by_head.transpose(1, 0, 2)
         else:
             self.by_head, self.index = None, np.ascontiguousarray(index, np.float32)
-        self._buffers = None
+        self._local = threading.local()  # per-thread scoring buffers: serve.py scores requests concurrently
         self.item_ids = np.load(self.dir / "item_ids.npy")
         self.titles = json.loads((self.dir / "titles.json").read_text())
         users = np.load(self.dir / "users.npz")
         self.users = {k: users[k] for k in users.files}
         vocab = np.load(self.dir / "vocab.npz")
         self.vocab = {k: vocab[k] for k in vocab.files}
+        self.user_rows = pd.Index(self.users["key"])  # built once: a lookup is then a hash probe
+        self.item_rows = pd.Index(self.item_ids)
         ms.set_context(mode=ms.GRAPH_MODE)
+        # the MINDIR has a dynamic batch: it serves batches of users (user_vectors) and is the reference
         self.user_tower = nn.GraphCell(ms.load(str(self.dir / "user_tower.mindir")))
+        has_onnx = "ONNX" in m.get("formats", {}).get("user_tower", []) and m.get("onnx_batch", {}).get("user_tower") == 1
+        if user_tower == "onnx" and not has_onnx:
+            raise UserError(f"{self.dir} has no batch-1 user_tower.onnx: export again, or use the mindir user tower")
+        self.onnx_tower = None
+        if user_tower == "onnx" or (user_tower == "auto" and has_onnx):
+            try:
+                self.onnx_tower = OnnxUserTower(self.dir / "user_tower.onnx",
+                                                [(k, self.users[k].dtype) for k in m["user_inputs"]],
+                                                {k: (1, *self.users[k].shape[1:]) for k in m["user_inputs"]})
+            except ImportError:
+                if user_tower == "onnx":
+                    raise UserError("onnxruntime is not installed (pip install -r requirements.txt)") from None
+        self.backend = "onnx" if self.onnx_tower else "mindir"
         self.bias = m["score_bias"]
         self.prior = m["prior"]  # the training positive rate: dense features of users without history
+        self.checksum = md5_file(self.dir / "manifest.json")
 
     # ---- inputs
     def user_inputs(self, user_id, features=None):
         """The user tower's input arrays for one user: its row of the feature table when known, otherwise
         those of an unknown user (out-of-vocabulary ids, the prior); raw `features` of the user's sparse
         fields (e.g. {"gender": "F", "age": 25}) replace the ids of those fields."""
-        import pandas as pd
         m = self.manifest
-        row = int(pd.Index(self.users["key"]).get_indexer([user_id])[0])
+        row = int(self.user_rows.get_indexer([user_id])[0])
         if row >= 0:
             inputs = {k: self.users[k][row:row + 1].copy() for k in m["user_inputs"]}
         else:
@@ -104,17 +280,36 @@ class Scorer:
             inputs["user_sparse"][0, fields.index(name)] = hit[0] + 1 if hit.size else 0
         return inputs, row >= 0
 
-    def user_vector(self, user_id, features=None):
-        import mindspore as ms
+    def user_vector(self, user_id, features=None, backend=None):
+        """The user's representation (L, H, p) (d for dot models) and whether the user is known; `backend`
+        "mindir" forces the MINDIR graph (the reference the ONNX path is tested against)."""
         inputs, known = self.user_inputs(user_id, features)
-        out = self.user_tower(*[ms.Tensor(inputs[k]) for k in self.manifest["user_inputs"]]).asnumpy()
-        return out[0], known
+        return self.tower(inputs, backend), known
+
+    def tower(self, inputs, backend=None):
+        """The user tower on one user's input arrays."""
+        import mindspore as ms
+        names = self.manifest["user_inputs"]
+        if self.onnx_tower is not None and backend != "mindir":
+            return self.onnx_tower([inputs[k] for k in names])
+        return self.user_tower(*[ms.Tensor(inputs[k]) for k in names]).asnumpy()[0]
+
+    def user_vectors(self, user_ids):
+        """Representations (B, L, H, p) of many known or unknown users in one MINDIR call (dynamic batch)."""
+        import mindspore as ms
+        inputs = [self.user_inputs(u)[0] for u in user_ids]
+        names = self.manifest["user_inputs"]
+        return self.user_tower(*[ms.Tensor(np.concatenate([x[k] for x in inputs])) for k in names]).asnumpy()
 
     # ---- scoring
+    def unknown_items(self, candidates):
+        """The candidate ids that have no row in the index (serve.py refuses them; infer.py scores them as OOV)."""
+        candidates = np.asarray(candidates, dtype=np.int64)
+        return candidates[self.item_rows.get_indexer(candidates) < 0]
+
     def rows(self, candidates):
         """Index rows of candidate movie ids (unknown ids -> the out-of-vocabulary row)."""
-        import pandas as pd
-        rows = pd.Index(self.item_ids).get_indexer(np.asarray(candidates, dtype=np.int64))
+        rows = self.item_rows.get_indexer(np.asarray(candidates, dtype=np.int64))
         return np.where(rows < 0, self.manifest["oov_row"], rows)
 
     def scores(self, user, rows=None):
@@ -123,9 +318,10 @@ class Scorer:
             return (self.index[:-1] if rows is None else self.index[rows]) @ user + self.bias
         if rows is not None:
             return maxsim(user, self.by_head[:, rows]) + self.bias
-        if self._buffers is None:  # whole-catalogue requests reuse their buffers
-            self._buffers = maxsim_buffers(user, self.by_head)
-        return maxsim(user, self.by_head, self._buffers)[:-1] + self.bias  # the last row is the OOV item
+        buffers = getattr(self._local, "buffers", None)
+        if buffers is None:  # whole-catalogue requests reuse their (per-thread) buffers
+            buffers = self._local.buffers = maxsim_buffers(user, self.by_head)
+        return maxsim(user, self.by_head, buffers)[:-1] + self.bias  # the last row is the OOV item
 
     def recommend(self, user_id, candidates=None, top_k=10, features=None):
         started = time.perf_counter()
@@ -135,13 +331,14 @@ class Scorer:
         ids = self.item_ids if candidates is None else np.asarray(candidates, dtype=np.int64)
         rows = None if candidates is None else self.rows(ids)
         logits = self.scores(user, rows)
-        k = min(top_k, len(logits))
-        best = np.argpartition(-logits, k - 1)[:k] if k < len(logits) else np.arange(len(logits))
-        best = best[np.argsort(-logits[best], kind="stable")]
+        best = best_first(logits, top_k)
         all_rows = np.arange(len(self.item_ids)) if rows is None else rows
-        items = [{"movie_id": int(ids[i]), "title": self.titles[all_rows[i]] if all_rows[i] < len(self.titles) else None,
-                  "known_item": bool(all_rows[i] < len(self.item_ids)), "score": float(logits[i]),
-                  "probability": float(1 / (1 + np.exp(-logits[i])))} for i in best]
+        picked, scores = all_rows[best], logits[best].astype(np.float64)
+        known_items = picked < len(self.item_ids)
+        items = [{"movie_id": movie, "title": self.titles[row] if known else None, "known_item": known,
+                  "score": score, "probability": prob}
+                 for movie, row, known, score, prob in zip(ids[best].tolist(), picked.tolist(), known_items.tolist(),
+                                                           scores.tolist(), (1 / (1 + np.exp(-scores))).tolist())]
         return {"user_id": user_id, "known_user": known, "candidates": int(len(logits)), "items": items,
                 "milliseconds": round((time.perf_counter() - started) * 1000, 3)}
 

@@ -7,7 +7,7 @@ import pytest
 from conftest import ROOT
 from model_config import MODELS, ROLES, Config, keys_of
 
-COMMANDS = {"train", "eval", "export", "infer", "benchmark", "run_experiments"}
+COMMANDS = {"train", "eval", "export", "infer", "benchmark", "run_experiments", "serve"}
 BUILDING_BLOCKS = {"util", "model_config", "get_dataset", "module", "model", "scorer", "runtime"}
 
 
