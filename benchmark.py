@@ -19,12 +19,14 @@ import sys
 import time
 from pathlib import Path
 
+# util first: it makes Ctrl-C during the imports below one line, not a traceback
+from util import ROOT, UserError, median_ms, run_cli, say
+
 import numpy as np
 
 from get_dataset import load_dataset, tower_inputs
 from model_config import parse_args
 from runtime import batches, epoch_order, init_mindspore, train_step, trained_run
-from util import ROOT, UserError, median_ms, run_cli, say
 
 
 def machine():

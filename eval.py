@@ -7,10 +7,12 @@
 The model is rebuilt from the run's config.json and data_meta.json; the data set is prepared as
 the run's config says (data keys may be overridden). Prints a table and writes <run_dir>/eval.json.
 """
+# util first: it makes Ctrl-C during the imports below one line, not a traceback
+from util import run_cli, say, write_json
+
 from get_dataset import load_dataset
 from model_config import parse_args
 from runtime import check_same_features, evaluate, load_model, trained_run
-from util import run_cli, say, write_json
 
 
 def evaluate_run(cfg, overrides=frozenset()):

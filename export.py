@@ -23,12 +23,14 @@ import shutil
 import time
 from pathlib import Path
 
+# util first: it makes Ctrl-C during the imports below one line, not a traceback
+from util import UserError, md5_bytes, md5_file, run_cli, say, write_json
+
 import numpy as np
 
 from get_dataset import load_dataset, tower_inputs, unknown_inputs
 from model_config import parse_args
 from runtime import load_checkpoint, load_model, trained_run
-from util import UserError, md5_bytes, md5_file, run_cli, say, write_json
 
 ONNX_BATCH = {"model": 256, "user_tower": 1, "item_tower": 256}  # ONNX graphs have a fixed batch
 

@@ -18,6 +18,9 @@ import signal
 import time
 from pathlib import Path
 
+# util first: it makes Ctrl-C during the imports below one line, not a traceback
+from util import Interrupted, UserError, run_cli, say, signals_mode, stop_requested, write_json
+
 import numpy as np
 from tqdm import tqdm
 
@@ -25,7 +28,6 @@ from get_dataset import load_dataset
 from model_config import keys_of, parse_args
 from runtime import (batches, epoch_order, evaluate, init_mindspore, load_checkpoint, params_md5, restore_run,
                      save_checkpoint, train_step)
-from util import Interrupted, UserError, run_cli, say, signals_mode, stop_requested, write_json
 
 
 # ---------------------------------------------------------------- the run

@@ -12,8 +12,20 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
-from sklearn.metrics import roc_auc_score
+
+def _interrupted_hook(kind, value, tb, default=sys.excepthook):
+    """Ctrl-C before a command's run_cli runs (while its modules import, ~1 s): one line and 128 + signal,
+    not a traceback. Commands import util before their other modules so that this is in place early."""
+    if issubclass(kind, KeyboardInterrupt):
+        sys.stderr.write(f"\n{value or 'interrupted by SIGINT'}\n")
+        sys.stderr.flush()
+        os._exit(128 + getattr(value, "signum", signal.SIGINT))
+    default(kind, value, tb)
+
+
+sys.excepthook = _interrupted_hook
+
+import numpy as np  # noqa: E402  (after the hook: importing NumPy is part of the start-up it covers)
 
 ROOT = Path(__file__).resolve().parent
 
@@ -22,7 +34,7 @@ class UserError(Exception):
     """A problem the user can fix (bad input, missing file...): printed as one line, no traceback."""
 
 
-class Interrupted(Exception):
+class Interrupted(KeyboardInterrupt):
     """SIGINT or SIGTERM stopped the command; str() says where and what to do next."""
 
     def __init__(self, signum, message=""):
@@ -91,12 +103,9 @@ def run_cli(main):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    except Interrupted as e:
-        print(f"\n{e}", file=sys.stderr)
-        sys.exit(128 + e.signum)
-    except KeyboardInterrupt:
-        print("\ninterrupted by SIGINT", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as e:  # Interrupted, or a plain Ctrl-C
+        print(f"\n{e or 'interrupted by SIGINT'}", file=sys.stderr)
+        sys.exit(128 + getattr(e, "signum", signal.SIGINT))
 
 
 def say(message):
@@ -200,6 +209,7 @@ def atomic_dir(path):
 
 def auc(labels, scores):
     """ROC AUC over the whole set (never a mean of per-batch AUCs); nan if only one class."""
+    from sklearn.metrics import roc_auc_score  # here, not at the top: importing sklearn takes ~1 s
     labels = np.asarray(labels)
     if labels.size == 0 or labels.min() == labels.max():
         return float("nan")
