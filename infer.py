@@ -6,8 +6,11 @@
 
 Unknown users and movies take the out-of-vocabulary path (id 0, prior statistics) instead of failing;
 an empty candidate list gives an empty result. The scoring itself is scorer.Scorer (usable from Python).
+"latency_ms" tells the cold first call (allocations, first kernel runs) apart from the warm median of
+--warm_calls repeats of the same request, which is what a running service (serve.py) pays.
 """
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -35,17 +38,28 @@ def main(argv=None):
     parser.add_argument("--candidates", default=None,
                         help="comma-separated movie ids to score (default: the whole catalogue; '' for none)")
     parser.add_argument("--user_features", default="", help="raw features of an unknown user: gender=F,age=25,...")
+    parser.add_argument("--warm_calls", type=int, default=20, help="repeats of the request for the warm latency")
+    parser.add_argument("--user_tower", default="auto", choices=Scorer.USER_TOWERS,
+                        help="auto: ONNX Runtime on user_tower.onnx when exported, else the MINDIR")
     args = parser.parse_args(argv)
     if args.top_k <= 0:
         parser.error("--top_k must be positive")
+    if args.warm_calls < 0:
+        parser.error("--warm_calls must be 0 or more")
     candidates = None
     if args.candidates is not None:
         try:
             candidates = [int(x) for x in args.candidates.split(",") if x.strip()]
         except ValueError:
             parser.error(f"--candidates expects comma-separated integers, got {args.candidates!r}")
-    scorer = Scorer(Path(args.export_dir) if args.export_dir else Path(args.run_dir) / "export")
-    result = scorer.recommend(args.user_id, candidates, args.top_k, parse_features(args.user_features))
+    scorer = Scorer(Path(args.export_dir) if args.export_dir else Path(args.run_dir) / "export",
+                    user_tower=args.user_tower)
+    request = (args.user_id, candidates, args.top_k, parse_features(args.user_features))
+    result = scorer.recommend(*request)
+    cold = result.pop("milliseconds", None)
+    warm = [scorer.recommend(*request).get("milliseconds", 0.0) for _ in range(args.warm_calls)]
+    result["latency_ms"] = {"cold_first_call": cold, "warm_median": round(statistics.median(warm), 3) if warm else None,
+                            "warm_calls": len(warm), "user_tower": scorer.backend}
     json.dump(result, sys.stdout, indent=1)
     print()
 

@@ -200,7 +200,7 @@ def request(conn, method, path, body=None):
 def load_phase(port, bodies, clients, count, time_limit, reload_at=None):
     """`count` requests (or until `time_limit` s) from `clients` threads, each on one keep-alive connection;
     when `reload_at` requests are done, another connection asks for a reload. Returns latencies, failures."""
-    latencies, failures, reload_result = [], [], {}
+    latencies, failures, reload_result, reloading = [], [], {}, []
     lock, next_index = threading.Lock(), iter(range(count))
     deadline = time.perf_counter() + time_limit
 
@@ -223,7 +223,8 @@ def load_phase(port, bodies, clients, count, time_limit, reload_at=None):
                 if status != 200:
                     failures.append(f"{status}: {data[:200]!r}")
                 if reload_at is not None and len(latencies) == reload_at:
-                    threading.Thread(target=reloader, daemon=True).start()
+                    reloading.append(threading.Thread(target=reloader, daemon=True))
+                    reloading[-1].start()
         conn.close()
 
     def reloader():
@@ -239,6 +240,8 @@ def load_phase(port, bodies, clients, count, time_limit, reload_at=None):
     for t in threads:
         t.join()
     wall = time.perf_counter() - started
+    for t in reloading:  # a reload that outlasts the phase is still reported
+        t.join(120)
     ms = np.array(latencies) * 1000
     return {"clients": clients, "requests": len(latencies), "failed": len(failures), "seconds": round(wall, 2),
             "requests_per_s": round(len(latencies) / wall, 1), "p50_ms": round(float(np.percentile(ms, 50)), 2),

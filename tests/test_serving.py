@@ -1,4 +1,5 @@
-"""export.py / infer.py: exported graphs reproduce the checkpoint, the index scorer reproduces the model."""
+"""export.py / infer.py: exported graphs reproduce the checkpoint, the index scorer reproduces the model, and
+every fast scoring path (batched, compressed, IVF) equals exact float32 MaxSim or stays within its tolerance."""
 import json
 import subprocess
 import sys
@@ -9,11 +10,11 @@ import pytest
 import train
 from conftest import ROOT
 from export import export_run
-from scorer import Scorer, maxsim
+from scorer import CompressedIndex, IVFRetriever, Scorer, best_first, maxsim, maxsim_batch
 from model_config import Config
 from util import UserError
 
-pytestmark = pytest.mark.e2e  # the module's fixture trains and exports a model
+e2e = pytest.mark.e2e  # tests of the `run` fixture: it trains and exports a model
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +37,58 @@ def model_and_data(cfg, run):
     return model, meta, get_dataset.load_dataset(run_cfg, quiet=True)
 
 
+def catalogue(n, heads=4, dim=16, clusters=50, seed=0):
+    """A generated head-major index with structure (items around cluster centres, as trained ones are)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, heads, dim))
+    items = centres[rng.integers(0, clusters, n)] + 0.5 * rng.normal(size=(n, heads, dim))
+    return np.ascontiguousarray(items.transpose(1, 0, 2).astype(np.float32)), rng
+
+
+def test_maxsim_batch_equals_maxsim():
+    index, rng = catalogue(700)
+    users = rng.normal(size=(5, 3, 4, 16)).astype(np.float32)
+    got = maxsim_batch(users, index)
+    assert got.shape == (5, 700)
+    for u in range(5):
+        np.testing.assert_allclose(got[u], maxsim(users[u], index), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind, tolerance", [("int8", 1e-2), ("bfloat16", 5e-3), ("float16", 1e-3)])
+def test_compressed_index_within_tolerance_and_rescored_exactly(kind, tolerance):
+    index, rng = catalogue(3000)
+    compressed = CompressedIndex(index, kind, block=256)  # several blocks and a partial last one
+    assert compressed.nbytes < index.nbytes
+    for _ in range(3):
+        user = rng.normal(size=(3, 4, 16)).astype(np.float32)
+        exact = maxsim(user, index)
+        approx = compressed.scores(user)
+        assert np.abs(approx - exact).max() <= tolerance * np.abs(exact).max()
+        rows, scores = compressed.top_k(user, 50)
+        np.testing.assert_array_equal(scores, exact[rows])  # the shortlist is re-scored in float32
+        assert list(scores) == sorted(scores, reverse=True)
+        assert len(set(rows) & set(best_first(exact, 50))) >= 49
+
+
+def test_ivf_recall_on_generated_catalogue():
+    index, rng = catalogue(20000)
+    ivf = IVFRetriever(index, lists=64, seed=1)
+    assert sorted(ivf.items) == sorted(list(range(20000)) * 4) and ivf.offsets[-1] == 80000
+    recalls = []
+    for _ in range(5):  # user heads share a direction, as a trained tower's do (the pooled query relies on it)
+        user = (rng.normal(size=16) + 0.5 * rng.normal(size=(3, 4, 16))).astype(np.float32)
+        exact = maxsim(user, index)
+        truth = set(best_first(exact, 100))
+        rows, scores = ivf.top_k(user, 100, nprobe=16, shortlist=1000)
+        np.testing.assert_allclose(scores, exact[rows], rtol=1e-5)  # exact MaxSim on the shortlist
+        recalls.append(len(truth & set(rows)) / 100)
+        every, _ = ivf.top_k(user, 100, nprobe=64, shortlist=20000)  # every cell, every item: exact
+        assert set(every) == truth
+    assert np.mean(recalls) >= 0.9, recalls
+    flat = IVFRetriever(index, lists=1)  # one cell, every item: exact
+    assert flat.top_k(user, 10, nprobe=1, shortlist=20000)[0].tolist() == best_first(exact, 10).tolist()
+
+
 def test_maxsim_equals_loops():
     rng = np.random.default_rng(0)
     user, items = rng.normal(size=(3, 2, 4)), rng.normal(size=(5, 2, 4))
@@ -45,6 +98,7 @@ def test_maxsim_equals_loops():
                                rtol=1e-5)
 
 
+@e2e
 def test_exported_model_matches_checkpoint(run):
     import mindspore as ms
     from mindspore import nn
@@ -60,6 +114,7 @@ def test_exported_model_matches_checkpoint(run):
     np.testing.assert_allclose(graph(*inputs).asnumpy(), 1 / (1 + np.exp(-model(*inputs).asnumpy())), atol=1e-5)
 
 
+@e2e
 def test_scorer_equals_full_model_logits(run):
     import mindspore as ms
     cfg, run_dir = run
@@ -79,6 +134,7 @@ def test_scorer_equals_full_model_logits(run):
         assert top[0]["score"] == pytest.approx(float(full.max()), abs=1e-4)
 
 
+@e2e
 def test_unknown_ids_and_empty_candidates(run):
     cfg, run_dir = run
     scorer = Scorer(run_dir / "export")
@@ -95,6 +151,7 @@ def test_unknown_ids_and_empty_candidates(run):
         scorer.recommend(1, features={"shoe_size": 42})
 
 
+@e2e
 def test_manifest_mismatch_refused(run, tmp_path):
     import shutil
     cfg, run_dir = run
@@ -110,6 +167,7 @@ def test_manifest_mismatch_refused(run, tmp_path):
         Scorer(tmp_path)
 
 
+@e2e
 def test_last_layer_only_export_is_the_reduced_formula(run, tmp_path):
     import mindspore as ms
     cfg, run_dir = run
@@ -128,6 +186,7 @@ def test_last_layer_only_export_is_the_reduced_formula(run, tmp_path):
     np.testing.assert_allclose(got, reduced, atol=1e-4)
 
 
+@e2e
 def test_fresh_process_cli(run):
     cfg, run_dir = run
     out = subprocess.run([sys.executable, "infer.py", "--run_dir", str(run_dir), "--user_id", "3", "--top_k", "4"],
@@ -140,6 +199,7 @@ def test_fresh_process_cli(run):
     assert bad.returncode == 2 and "expects comma-separated integers" in bad.stderr
 
 
+@e2e
 def test_coupled_model_not_exportable(tmp_path, run):
     cfg, run_dir = run
     import shutil
@@ -151,6 +211,7 @@ def test_coupled_model_not_exportable(tmp_path, run):
         export_run(Config(run_dir=str(other)), {"run_dir"})
 
 
+@e2e
 def test_onnx_graphs_match_mindspore(run):
     ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
     import mindspore as ms
@@ -170,3 +231,29 @@ def test_onnx_graphs_match_mindspore(run):
     feed = {i.name: users[k][:1] for i, k in zip(session.get_inputs(), meta["inputs"][:2])}
     np.testing.assert_allclose(session.run(None, feed)[0][0], Scorer(run_dir / "export").user_vector(
         int(users["key"][0]))[0], atol=1e-5)
+
+
+@e2e
+def test_onnx_user_tower_equals_mindir(run):
+    cfg, run_dir = run
+    scorer = Scorer(run_dir / "export")
+    assert scorer.backend == "onnx"
+    for user_id in (int(scorer.users["key"][0]), int(scorer.users["key"][17]), 10**9):
+        fast, known = scorer.user_vector(user_id)
+        reference, _ = scorer.user_vector(user_id, backend="mindir")
+        np.testing.assert_allclose(fast, reference, atol=1e-5)
+        np.testing.assert_allclose(scorer.scores(fast), scorer.scores(reference), atol=1e-5)
+    batch = scorer.user_vectors([int(scorer.users["key"][0]), 10**9])
+    np.testing.assert_allclose(batch[1], scorer.user_vector(10**9, backend="mindir")[0], atol=1e-6)
+    with pytest.raises(UserError, match="unknown user tower"):
+        Scorer(run_dir / "export", user_tower="tpu")
+
+
+@e2e
+def test_infer_reports_cold_and_warm_latency(run):
+    cfg, run_dir = run
+    out = subprocess.run([sys.executable, "infer.py", "--run_dir", str(run_dir), "--user_id", "3", "--top_k", "2",
+                          "--warm_calls", "3"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    latency = json.loads(out.stdout)["latency_ms"]
+    assert latency["cold_first_call"] > 0 and latency["warm_median"] > 0 and latency["warm_calls"] == 3

@@ -1,0 +1,110 @@
+"""serve.py: the endpoints, one-line 400s for bad requests, and a reload under load with no failed request,
+against a server started on a free loopback port."""
+import http.client
+import json
+import threading
+
+import pytest
+
+import train
+from export import export_run
+from model_config import Config
+from serve import load_phase, serve
+
+pytestmark = pytest.mark.e2e  # the fixture trains and exports a model
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve")
+    cfg = Config(dataset="synthetic", data_dir=str(tmp / "data"), run_dir=str(tmp / "run"), synthetic_users=300,
+                 synthetic_items=120, synthetic_ratings=30, mlp=(32, 16), heads=2, head_dim=8, embed_dim=8,
+                 batch_size=256, epochs=1, dropout=0.0, lr=0.005)
+    train.train(cfg)
+    export = tmp / "served"
+    export_run(Config(run_dir=cfg.run_dir, output_dir=str(export)), {"run_dir", "output_dir"})
+    started = threading.Event()
+    box = {}
+
+    def ready(srv, service):
+        box.update(server=srv, service=service)
+        started.set()
+
+    thread = threading.Thread(target=serve, args=(export, "127.0.0.1", 0, 4096), kwargs={"ready": ready},
+                              daemon=True)
+    thread.start()
+    assert started.wait(120), "the server did not start"
+    yield box["server"].server_address[1], box["service"], cfg, export
+    box["server"].shutdown()
+
+
+def call(port, method, path, body=None):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+    conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    status, payload = response.status, json.loads(response.read())
+    conn.close()
+    return status, payload
+
+
+def test_health_and_score(server):
+    port, service, cfg, export = server
+    status, health = call(port, "GET", "/health")
+    assert status == 200 and health["manifest_md5"] == service.scorer.checksum and health["user_tower"] == "onnx"
+    user_id = int(service.scorer.users["key"][3])
+    status, out = call(port, "POST", "/score", {"user_id": user_id, "top_k": 5})
+    assert status == 200 and len(out["items"]) == 5 and out["known_user"]
+    expected = service.scorer.recommend(user_id, top_k=5)["items"]
+    assert [i["movie_id"] for i in out["items"]] == [i["movie_id"] for i in expected]
+    candidates = [int(c) for c in service.scorer.item_ids[:4]]
+    status, out = call(port, "POST", "/score", {"user_id": user_id, "candidates": candidates, "top_k": 10})
+    assert status == 200 and sorted(i["movie_id"] for i in out["items"]) == sorted(candidates)
+    status, out = call(port, "POST", "/score", {"user_features": {"gender": "F"}, "top_k": 2})
+    assert status == 200 and not out["known_user"] and len(out["items"]) == 2
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"user_id": 1, "colour": "red"}, "unknown field(s) colour"),
+    ({"user_id": "1"}, "user_id must be an integer"),
+    ({"user_id": True}, "user_id must be an integer"),
+    ({"user_id": 1, "top_k": 0}, "top_k must be positive"),
+    ({"user_id": 1, "top_k": -3}, "top_k must be positive"),
+    ({"user_id": 1, "top_k": 2.5}, "top_k must be an integer"),
+    ({"user_id": 1, "candidates": [10**8]}, "not in the index: 100000000"),
+    ({"user_id": 1, "candidates": "1,2"}, "candidates must be a list"),
+    ({"user_id": 1, "candidates": [1, None]}, "list of integer movie ids"),
+    ({"user_id": 1, "user_features": {"shoe_size": 42}}, "unknown user feature"),
+    ({"user_id": 1, "user_features": {"gender": [1]}}, "strings or integers"),
+    ({"user_id": 10**30}, "fit in 64 bits"),
+    ({}, "give user_id, user_features or both"),
+    ([1, 2], "must be a JSON object"),
+    (b"{not json", "not valid JSON"),
+    (b"x" * 5000, "over the limit of 4,096"),
+])
+def test_bad_requests_are_400_with_one_line(server, body, message):
+    port, *_ = server
+    status, out = call(port, "POST", "/score", body)
+    assert status == 400 and message in out["error"] and "\n" not in out["error"]
+
+
+def test_unknown_endpoint_is_404(server):
+    port, *_ = server
+    assert call(port, "GET", "/score")[0] == 404
+    assert call(port, "POST", "/nothing", {})[0] == 404
+
+
+def test_reload_under_load_fails_no_request(server):
+    port, service, cfg, export = server
+    old = service.scorer.checksum
+    # a different export in the served folder: the same run exported as its last-layer variant
+    export_run(Config(run_dir=cfg.run_dir, output_dir=str(export), last_layer_only=True),
+               {"run_dir", "output_dir", "last_layer_only"})
+    users = [int(u) for u in service.scorer.users["key"][:20]]
+    bodies = [json.dumps({"user_id": u, "top_k": 10}).encode() for u in users]
+    result = load_phase(port, bodies, clients=4, count=300, time_limit=60, reload_at=100)
+    assert result["failed"] == 0 and result["requests"] == 300, result
+    assert result["reload"]["reloaded"] and result["reload"]["manifest_md5"] != old
+    status, health = call(port, "GET", "/health")
+    assert health["manifest_md5"] == result["reload"]["manifest_md5"] and health["reloads"] >= 1
+    assert service.scorer.manifest["last_layer_only"]
