@@ -17,7 +17,7 @@ def _interrupted_hook(kind, value, tb, default=sys.excepthook):
     """Ctrl-C before a command's run_cli runs (while its modules import, ~1 s): one line and 128 + signal,
     not a traceback. Commands import util before their other modules so that this is in place early."""
     if issubclass(kind, KeyboardInterrupt):
-        sys.stderr.write(f"\n{value or 'interrupted by SIGINT'}\n")
+        sys.stderr.write(f"\n{str(value) or 'interrupted by SIGINT'}\n")
         sys.stderr.flush()
         os._exit(128 + getattr(value, "signum", signal.SIGINT))
     default(kind, value, tb)
@@ -104,7 +104,7 @@ def run_cli(main):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt as e:  # Interrupted, or a plain Ctrl-C
-        print(f"\n{e or 'interrupted by SIGINT'}", file=sys.stderr)
+        print(f"\n{str(e) or 'interrupted by SIGINT'}", file=sys.stderr)
         sys.exit(128 + getattr(e, "signum", signal.SIGINT))
 
 
