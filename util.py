@@ -1,5 +1,6 @@
 """Small helpers shared by the commands: one-line errors, atomic writes, checksums, metrics."""
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -102,6 +103,13 @@ def run_cli(main):
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        print(f"error: no space left on the device{where}; files are written atomically, so nothing is "
+              f"half-written: free some space and run the command again", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt as e:  # Interrupted, or a plain Ctrl-C
         print(f"\n{str(e) or 'interrupted by SIGINT'}", file=sys.stderr)
