@@ -7,6 +7,7 @@ Nothing here knows MovieLens: field names, vocabulary sizes and input arrays com
 import mindspore as ms
 from mindspore import nn, ops
 
+from get_dataset import id_field
 from model_config import MODELS
 from module import CIRLoss, CrossNet, FEBlock, FM, MLP, SelfAttention, count_params, field_attention
 from util import UserError
@@ -167,7 +168,7 @@ class IntTower(RecModel):
 
 class DAT(RecModel):
     """Dual Augmented Two-tower (Yu et al., 2021): each tower also reads a learned "augmented vector" of its
-    id (the tower's first sparse field), trained by the adaptive-mimic loss to imitate the other tower's
+    id (the tower's id field: meta.json's towers[t]["id"], declared by the schema; else its first sparse field), trained by the adaptive-mimic loss to imitate the other tower's
     output for clicked pairs: dat_weight * mean(y * (|a_u - sg(p_v)|^2 + |a_v - sg(p_u)|^2)).
     Score: the dot product of the tower outputs. (The published PyTorch DAT draws the augmented vectors
     at random on every call, which makes the mimic loss meaningless; this one learns them.)"""
@@ -181,27 +182,29 @@ class DAT(RecModel):
         cfg = cfg.replace(se="none")
         self.user_tower = Tower(meta["towers"]["user"], cfg, extra_dim=dim)
         self.item_tower = Tower(meta["towers"]["item"], cfg, extra_dim=dim)
-        self.user_augment = nn.Embedding(meta["towers"]["user"]["sparse"][0]["vocab_size"], dim)
-        self.item_augment = nn.Embedding(meta["towers"]["item"]["sparse"][0]["vocab_size"], dim)
+        towers = meta["towers"]
+        self.user_id, self.item_id = id_field(towers, "user"), id_field(towers, "item")
+        self.user_augment = nn.Embedding(towers["user"]["sparse"][self.user_id]["vocab_size"], dim)
+        self.item_augment = nn.Embedding(towers["item"]["sparse"][self.item_id]["vocab_size"], dim)
         self.bias = ms.Parameter(ms.Tensor(0.0, ms.float32), name="bias")
         self.weight = float(cfg.dat_weight)
 
-    def _side(self, tower, augment, inputs):
-        aug = augment(inputs[0][:, 0])
+    def _side(self, tower, augment, inputs, column):
+        aug = augment(inputs[0][:, column])
         return tower.mlp(ops.concat((tower.features(*inputs), aug), 1))[-1], aug
 
     def user_representation(self, *user_inputs):
-        return self._side(self.user_tower, self.user_augment, user_inputs)[0]
+        return self._side(self.user_tower, self.user_augment, user_inputs, self.user_id)[0]
 
     def item_representation(self, *item_inputs):
-        return self._side(self.item_tower, self.item_augment, item_inputs)[0]
+        return self._side(self.item_tower, self.item_augment, item_inputs, self.item_id)[0]
 
     def score(self, user, item):
         return (user * item).sum(-1) + self.bias
 
     def forward(self, *inputs):
-        user, user_aug = self._side(self.user_tower, self.user_augment, inputs[:self.n_user_inputs])
-        item, item_aug = self._side(self.item_tower, self.item_augment, inputs[self.n_user_inputs:])
+        user, user_aug = self._side(self.user_tower, self.user_augment, inputs[:self.n_user_inputs], self.user_id)
+        item, item_aug = self._side(self.item_tower, self.item_augment, inputs[self.n_user_inputs:], self.item_id)
         return self.score(user, item), (user, item, user_aug, item_aug)
 
     def construct(self, *inputs):

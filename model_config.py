@@ -17,7 +17,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 
-DATASETS = ("auto", "ml-1m", "ml-100k", "synthetic")
+DATASETS = ("auto", "ml-1m", "ml-100k", "synthetic", "amazon", "alibaba", "amazon-synthetic", "alibaba-synthetic")
 PROTOCOLS = ("auto", "paper", "random", "temporal")
 
 
@@ -65,7 +65,8 @@ def _opt(default, help, role, choices=None):
 @dataclass
 class Config:
     # ---- data (get_dataset.py)
-    dataset: str = _opt("auto", "ml-1m, ml-100k, synthetic, or auto: ML-1M when its files are found, "
+    dataset: str = _opt("auto", "ml-1m, ml-100k, synthetic, amazon, alibaba (their generated samples: "
+                                "amazon-synthetic, alibaba-synthetic), or auto: ML-1M when its files are found, "
                                 "else the generated sample (said so in the log)", "source", DATASETS)
     data_path: str = _opt("", "an extracted MovieLens folder, its zip, or a ratings file with users/movies "
                               "files beside it; empty: <data_dir>/<dataset>", "source")
@@ -76,6 +77,8 @@ class Config:
     synthetic_items: int = _opt(1000, "generated sample: number of movies", "source")
     synthetic_ratings: int = _opt(50, "generated sample: mean number of ratings per user", "source")
     synthetic_seed: int = _opt(2022, "generated sample: seed of the generator (the data, not the split)", "source")
+    schema: str = _opt("", "a schema file (TOML) describing your own interaction logs (data/README.md); its data "
+                           "is --data_path (default <data_dir>/<schema name>); replaces --dataset", "source")
     protocol: str = _opt("auto", "paper (published, leaks labels into features), random (same split, "
                                  "leak-free), temporal (80/10/10 by time, leak-free); auto: temporal "
                                  "when timestamps exist, else random", "data", PROTOCOLS)
@@ -85,6 +88,9 @@ class Config:
     mean_prior: float = _opt(10.0, "leak-free protocols: mean-rating features are smoothed towards the "
                                    "training positive rate with this many pseudo-ratings", "data")
     seed: int = _opt(2022, "seed of the split, the initialisation and the data order", "data")
+    hash_buckets: int = _opt(0, "hash every categorical field with more distinct values than N into N buckets, "
+                                "bounding its embedding table (0: off; a schema's own hash_buckets still apply)",
+                             "data")
     # ---- model (model.py)
     model: str = _opt("inttower", "which model to train", "model", tuple(MODELS))
     se: str = _opt("lightse", "field attention over each tower's embeddings", "model", SE_TYPES)
@@ -137,7 +143,7 @@ class Config:
         for key in positive:
             if getattr(self, key) <= 0:
                 raise ValueError(f"--{key} must be positive, got {getattr(self, key)}")
-        for key in ("patience", "zip_prefix", "max_steps", "cir_weight", "cir_anchors", "weight_decay", "mean_prior",
+        for key in ("patience", "zip_prefix", "hash_buckets", "max_steps", "cir_weight", "cir_anchors", "weight_decay", "mean_prior",
                     "dat_weight"):
             if getattr(self, key) < 0:
                 raise ValueError(f"--{key} must be >= 0, got {getattr(self, key)}")
