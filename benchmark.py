@@ -2,7 +2,7 @@
 
     python benchmark.py train [--key value ...]   # our train step vs the published loop, same model & data
     python benchmark.py data  [--key value ...]   # preprocessing time; npz vs MindRecord loading
-    python benchmark.py serve --run_dir RUN       # scoring N candidates: index MaxSim vs dot vs full model
+    python benchmark.py serve --run_dir RUN [--last_layer_run RUN2]   # serving figures (docs/serving.md)
     python benchmark.py profile [--key value ...] # MindSpore profiler: time per operator type of a train step
 
 Config keys (--data_path, --protocol, --model...) are those of train.py and pick the data the same
@@ -341,16 +341,170 @@ def bench_serve(cfg, repeats, sizes=(1_000, 10_000, 100_000)):
             "bytes_per_item_two_tower": dot_dim * 4, "rows": rows, "machine": machine()}
 
 
+def machine_floor():
+    """This machine's fp32 GEMM peak (1024^3, the BLAS's threads) and read bandwidth (sum of 256 MB)."""
+    a = np.random.default_rng(0).normal(size=(1024, 1024)).astype(np.float32)
+    c = np.empty_like(a)
+    gflops = 2 * 1024**3 / median_ms(lambda: np.matmul(a, a, out=c), 10) / 1e6
+    big = np.ones(1 << 26, np.float32)
+    return {"gemm_gflop_s": round(gflops, 1), "read_gb_s": round(big.nbytes / median_ms(big.sum, 5) / 1e6, 1)}
+
+
+def floor_ms(floor, flop, nbytes):
+    return {"flop_floor_ms": round(flop / floor["gemm_gflop_s"] / 1e6, 3),
+            "byte_floor_ms": round(nbytes / floor["read_gb_s"] / 1e6, 3)}
+
+
+def test_split_vectors(export, run_cfg, meta):
+    """User (B, L*H, p) and item (B, H, p) vectors of every test row, through the exported tower graphs."""
+    import mindspore as ms
+    from mindspore import nn
+    test = load_dataset(run_cfg, quiet=True).arrays("test")
+    out = {}
+    for tower in ("user", "item"):
+        cell = nn.GraphCell(ms.load(str(export / f"{tower}_tower.mindir")))
+        names = tower_inputs(meta["towers"], tower)
+        out[tower] = np.concatenate([cell(*[ms.Tensor(test[k][s:s + 8192]) for k in names]).asnumpy()
+                                     for s in range(0, len(test["label"]), 8192)])
+    return out["user"].reshape(len(test["label"]), -1, out["item"].shape[-1]), out["item"], test["label"]
+
+
+def pair_maxsim(users, items):
+    return np.einsum("blp,bkp->blk", users, items, optimize=True).max(-1).sum(-1)
+
+
+def bench_serving(cfg, repeats, last_run=None, sizes=(10_000, 100_000), catalogue=1_000_000):
+    """Serving figures of issue 17 in one process (docs/serving.md): machine floors; the user tower through
+    ONNX Runtime and nn.GraphCell; request end to end (user inputs -> top 100) for the full model and the
+    last-layer variant; compressed indexes (speed, score error, top-100 overlap, test AUC); batched scoring;
+    two-stage retrieval over a generated catalogue of `catalogue` items of the real shape (recall@100)."""
+    from util import auc
+    from scorer import CompressedIndex, IVFRetriever, Scorer, best_first, head_major, maxsim, maxsim_batch, \
+        maxsim_buffers, tiled_index
+    if not cfg.run_dir:
+        raise UserError("benchmark.py serve needs --run_dir RUN (a trained IntTower run)")
+    runs = {"full": Path(cfg.run_dir)} | ({"last_layer": Path(last_run)} if last_run else {})
+    for run in runs.values():
+        if not (run / "export" / "manifest.json").exists():
+            subprocess.run([sys.executable, str(ROOT / "export.py"), "--run_dir", str(run)], cwd=ROOT, check=True,
+                           stdout=sys.stderr)
+    floor = machine_floor()
+    say(json.dumps(floor))
+    r = max(5, repeats * 20)
+    result = {"what": "serve", "runs": {k: str(v) for k, v in runs.items()}, "floor": floor, "requests": []}
+    scorers = {name: Scorer(run / "export") for name, run in runs.items()}
+    for name, scorer in scorers.items():
+        user_id = int(scorer.users["key"][0])
+        inputs, _ = scorer.user_inputs(user_id)
+        user = scorer.tower(inputs)
+        row = {"model": name, "user_shape": list(user.shape),
+               "user_tower_onnx_ms": median_ms(lambda: scorer.tower(inputs), r) if scorer.onnx_tower else None,
+               "user_tower_graphcell_ms": median_ms(lambda: scorer.tower(inputs, "mindir"), r)}
+        for n in sizes:
+            index = tiled_index(scorer, n)
+            buffers = maxsim_buffers(user, index)
+
+            def request():  # user features in -> top 100 out
+                u = scorer.tower(inputs)
+                return best_first(maxsim(u, index, buffers), 100)
+            flop, nbytes = 2 * user.size * index.shape[0] * n, index.nbytes
+            row[f"maxsim_{n}_ms"] = median_ms(lambda: maxsim(user, index, buffers), r)
+            row[f"end_to_end_{n}_ms"] = median_ms(request, r)
+            row[f"floor_{n}"] = floor_ms(floor, flop, nbytes)
+        result["requests"].append({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})
+        say(json.dumps(result["requests"][-1]))
+
+    # compressed indexes: speed at 10k / 100k, score error and top-100 overlap on the real catalogue, test AUC
+    scorer = scorers["full"]
+    export = runs["full"] / "export"
+    _, _, run_cfg, meta = trained_run(cfg, {"run_dir"})
+    user = scorer.user_vector(int(scorer.users["key"][0]))[0]
+    users = scorer.user_vectors([int(u) for u in np.random.default_rng(0).choice(scorer.users["key"], 50)])
+    pair_users, pair_items, labels = test_split_vectors(export, run_cfg, meta)
+    exact_auc = auc(labels, pair_maxsim(pair_users, pair_items))
+    catalogue_index = scorer.by_head[:, :-1]
+    variants = [{"index": "float32 (exact)", "test_auc": round(exact_auc, 5)}]
+    for kind in CompressedIndex.KINDS:
+        variant = {"index": kind}
+        real = CompressedIndex(catalogue_index, kind)
+        overlap = []
+        for u in users:
+            truth = set(best_first(maxsim(u, catalogue_index), 100))
+            overlap.append(len(truth & set(best_first(real.scores(u), 100))) / 100)
+        variant["top100_overlap_no_rescoring"] = round(float(np.mean(overlap)), 4)
+        variant["top100_overlap_rescored"] = round(float(np.mean(
+            [len(set(best_first(maxsim(u, catalogue_index), 100)) & set(real.top_k(u, 100)[0])) / 100
+             for u in users])), 4)
+        pairs = CompressedIndex(head_major(pair_items), kind).widened().transpose(1, 0, 2)
+        variant["test_auc"] = round(auc(labels, pair_maxsim(pair_users, pairs)), 5)
+        variant["test_auc_change"] = round(variant["test_auc"] - exact_auc, 6)
+        variant["bytes_per_item"] = int(real.nbytes // len(catalogue_index[0]))
+        for n in sizes:
+            c = CompressedIndex(tiled_index(scorer, n), kind)
+            variant[f"scores_{n}_ms"] = round(median_ms(lambda: c.scores(user), max(5, r // 10)), 3)
+            variant[f"top100_rescored_{n}_ms"] = round(median_ms(lambda: c.top_k(user, 100), max(5, r // 10)), 3)
+        variants.append(variant)
+        say(json.dumps(variant))
+    for n in sizes:
+        index = tiled_index(scorer, n)
+        buffers = maxsim_buffers(user, index)
+        variants[0][f"scores_{n}_ms"] = round(median_ms(lambda: maxsim(user, index, buffers), r), 3)
+    result["compressed"] = variants
+
+    # throughput: B users per call (one GEMM) against B single-user calls, 10,000 candidates
+    index = tiled_index(scorer, 10_000)
+    buffers = maxsim_buffers(user, index)
+    batched = []
+    for b in (8, 32):
+        single = median_ms(lambda: [maxsim(u, index, buffers) for u in users[:b]], max(5, r // 10))
+        many = median_ms(lambda: maxsim_batch(users[:b], index), max(5, r // 10))
+        batched.append({"users_per_call": b, "one_user_path_users_per_s": round(b / single * 1000, 1),
+                        "batched_users_per_s": round(b / many * 1000, 1), "speedup": round(single / many, 2)})
+        say(json.dumps(batched[-1]))
+    result["batched_10000"] = batched
+
+    # catalogue scale: real item vectors resampled with noise (0.3 of each coordinate's spread), 1M items
+    rng = np.random.default_rng(0)
+    spread = catalogue_index.std(1, keepdims=True)
+    big = np.empty((catalogue_index.shape[0], catalogue, catalogue_index.shape[2]), np.float32)
+    for s in range(0, catalogue, 100_000):
+        e = min(catalogue, s + 100_000)
+        big[:, s:e] = catalogue_index[:, rng.integers(0, catalogue_index.shape[1], e - s)] + \
+            (0.3 * spread * rng.standard_normal((catalogue_index.shape[0], e - s, catalogue_index.shape[2]))
+             ).astype(np.float32)
+    queries = users[:20]
+    started = time.perf_counter()
+    truths = [set(best_first(maxsim(u, big), 100)) for u in queries]
+    exact_ms = (time.perf_counter() - started) / len(queries) * 1000
+    started = time.perf_counter()
+    ivf = IVFRetriever(big, lists=2048, sample=64)
+    build_s = time.perf_counter() - started
+    retrieval = {"items": catalogue, "exact_maxsim_ms": round(exact_ms, 1), "ivf_lists": 2048,
+                 "ivf_build_s": round(build_s, 1),
+                 "exact_floor": floor_ms(floor, 2 * user.size * big.shape[0] * catalogue, big.nbytes), "rows": []}
+    for nprobe, shortlist in ((16, 500), (32, 1000), (64, 1000), (64, 2000), (128, 2000)):
+        recall = np.mean([len(t & set(ivf.top_k(u, 100, nprobe, shortlist)[0])) / 100 for u, t in zip(queries, truths)])
+        ms = statistics.median([median_ms(lambda: ivf.top_k(u, 100, nprobe, shortlist), 3) for u in queries[:10]])
+        retrieval["rows"].append({"nprobe": nprobe, "shortlist": shortlist, "recall_at_100": round(float(recall), 4),
+                                  "ms": round(ms, 2)})
+        say(json.dumps(retrieval["rows"][-1]))
+    result["catalogue"] = retrieval
+    result["machine"] = machine()
+    return result
+
+
 def main():
     own = argparse.ArgumentParser(add_help=False)
     own.add_argument("what", choices=["train", "data", "serve", "profile"])
     own.add_argument("--repeats", type=int, default=5)
     own.add_argument("--steps", type=int, default=30)
+    own.add_argument("--last_layer_run", default=None, help="serve: a run trained with --last_layer_only true")
     args, rest = own.parse_known_args()
     cfg, _ = parse_args(rest, prog=f"benchmark.py {args.what}", description=__doc__.split("\n\n")[0])
     with contextlib.redirect_stdout(sys.stderr):  # progress lines to stderr: stdout is the JSON result alone
         if args.what == "serve":
             result = bench_serve(cfg, args.repeats)
+            result["serving"] = bench_serving(cfg, args.repeats, args.last_layer_run)
         else:
             result = {"train": lambda: bench_train(cfg, args.repeats, args.steps),
                       "data": lambda: bench_data(cfg, args.repeats),

@@ -105,6 +105,12 @@ class CompressedIndex:
         else:
             out[...] = part
 
+    def widened(self):
+        """The whole compressed index back in float32 (H, N, p): what the compressed scores are exact for."""
+        out = np.empty(self.data.shape, np.float32)
+        self._widen(0, self.data.shape[1], out)
+        return out
+
     def scores(self, user):
         """Approximate maxsim() over every item."""
         heads, n, dim = self.data.shape

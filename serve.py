@@ -14,6 +14,7 @@ type, top_k <= 0, a candidate not in the index, a body over --max_body bytes, in
 400 with one line; a reload loads the new export beside the old one and swaps it in with one assignment,
 so requests in flight finish on the old one and none fails.
 """
+import contextlib
 import http.client
 import json
 import signal
@@ -313,8 +314,9 @@ def main(argv=None):
             parser.error(f"--clients expects comma-separated integers, got {args.clients!r}")
         if args.requests <= 0 or args.time_limit <= 0 or min(clients) <= 0 or args.top_k <= 0:
             parser.error("--requests, --time_limit, --clients and --top_k must be positive")
-        result = load_test(args.run_dir, args.export_dir, args.requests, args.time_limit, clients, args.top_k,
-                           args.candidates)
+        with contextlib.redirect_stdout(sys.stderr):  # progress lines to stderr: stdout is the JSON result alone
+            result = load_test(args.run_dir, args.export_dir, args.requests, args.time_limit, clients, args.top_k,
+                               args.candidates)
         print(json.dumps(result, indent=1))
         return
     if not (0 <= args.port < 65536):
