@@ -160,8 +160,11 @@ def atomic_write(path, write):
         write(tmp)
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
+        # the temporary file, and any file a writer derived from its name (MindSpore's save_checkpoint writes
+        # <name>.tmp first and leaves it behind when the disk is full)
+        for leftover in Path(tmp).parent.glob(Path(tmp).stem + "*"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(leftover)
         raise
 
 

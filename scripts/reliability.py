@@ -127,8 +127,11 @@ def wait_for(proc, needle):
 
 
 def resume_check(run_dir):
-    if not (run_dir / "last.ckpt").exists():
-        return "no run folder left" if not run_dir.exists() else "folder without checkpoint"
+    if not run_dir.exists():
+        return "no run folder left"
+    if not (run_dir / "last.ckpt").exists():  # killed between the first checkpoints: resume starts over
+        code, _ = run("train.py", "--resume", run_dir, "--epochs", "1")
+        return "no last.ckpt yet; --resume starts it over, exit 0" if code == 0 else f"--resume FAILED ({code})"
     if not loads(run_dir / "last.ckpt"):
         return "LAST CHECKPOINT UNREADABLE"
     code, _ = run("train.py", "--resume", run_dir, "--epochs", "41")
@@ -181,7 +184,7 @@ def disk_full():
         code, line = run("get_dataset.py", *SMALL[:8], "--data_dir", full)
         half = [p.name for p in full.rglob("*") if ".tmp" in p.name]
         row("disk full: the cache", "get_dataset.py --data_dir FULL (64 KB tmpfs)", code, line,
-            "nothing half-written" if not half and not (full / "cache").glob("*/meta.json") else f"LEFT {half}")
+            "nothing half-written" if not half and not list(full.glob("cache/*/meta.json")) else f"LEFT {half}")
     finally:
         subprocess.run(["umount", str(full)])
     full = TMP / "full-run"
