@@ -378,9 +378,7 @@ def bench_serving(cfg, repeats, last_run=None, sizes=(10_000, 100_000), catalogu
     ONNX Runtime and nn.GraphCell; request end to end (user inputs -> top 100) for the full model and the
     last-layer variant; compressed indexes (speed, score error, top-100 overlap, test AUC); batched scoring;
     two-stage retrieval over a generated catalogue of `catalogue` items of the real shape (recall@100)."""
-    from util import auc
-    from scorer import CompressedIndex, IVFRetriever, Scorer, best_first, head_major, maxsim, maxsim_batch, \
-        maxsim_buffers, tiled_index
+    from scorer import Scorer
     if not cfg.run_dir:
         raise UserError("benchmark.py serve needs --run_dir RUN (a trained IntTower run)")
     runs = {"full": Path(cfg.run_dir)} | ({"last_layer": Path(last_run)} if last_run else {})
@@ -391,50 +389,62 @@ def bench_serving(cfg, repeats, last_run=None, sizes=(10_000, 100_000), catalogu
     floor = machine_floor()
     say(json.dumps(floor))
     r = max(5, repeats * 20)
-    result = {"what": "serve", "runs": {k: str(v) for k, v in runs.items()}, "floor": floor, "requests": []}
     scorers = {name: Scorer(run / "export") for name, run in runs.items()}
-    for name, scorer in scorers.items():
-        user_id = int(scorer.users["key"][0])
-        inputs, _ = scorer.user_inputs(user_id)
-        user = scorer.tower(inputs)
-        row = {"model": name, "user_shape": list(user.shape),
-               "user_tower_onnx_ms": median_ms(lambda: scorer.tower(inputs), r) if scorer.onnx_tower else None,
-               "user_tower_graphcell_ms": median_ms(lambda: scorer.tower(inputs, "mindir"), r)}
-        for n in sizes:
-            index = tiled_index(scorer, n)
-            buffers = maxsim_buffers(user, index)
-
-            def request():  # user features in -> top 100 out
-                u = scorer.tower(inputs)
-                return best_first(maxsim(u, index, buffers), 100)
-            flop, nbytes = 2 * user.size * index.shape[0] * n, index.nbytes
-            row[f"maxsim_{n}_ms"] = median_ms(lambda: maxsim(user, index, buffers), r)
-            row[f"end_to_end_{n}_ms"] = median_ms(request, r)
-            row[f"floor_{n}"] = floor_ms(floor, flop, nbytes)
-        result["requests"].append({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})
-        say(json.dumps(result["requests"][-1]))
-
-    # compressed indexes: speed at 10k / 100k, score error and top-100 overlap on the real catalogue, test AUC
+    result = {"what": "serve", "runs": {k: str(v) for k, v in runs.items()}, "floor": floor,
+              "requests": [serving_requests(name, scorer, floor, sizes, r) for name, scorer in scorers.items()]}
     scorer = scorers["full"]
-    export = runs["full"] / "export"
-    _, _, run_cfg, meta = trained_run(cfg, {"run_dir"})
     user = scorer.user_vector(int(scorer.users["key"][0]))[0]
     users = scorer.user_vectors([int(u) for u in np.random.default_rng(0).choice(scorer.users["key"], 50)])
-    pair_users, pair_items, labels = test_split_vectors(export, run_cfg, meta)
+    result["compressed"] = serving_compressed(cfg, scorer, user, users, sizes, r)
+    result["batched_10000"] = serving_batched(scorer, user, users, r)
+    result["catalogue"] = serving_catalogue(scorer, user, users, floor, catalogue)
+    result["machine"] = machine()
+    return result
+
+
+def serving_requests(name, scorer, floor, sizes, r):
+    """One request end to end (user features in -> top 100 out) and its parts, against the floors."""
+    from scorer import best_first, maxsim, maxsim_buffers, tiled_index
+    user_id = int(scorer.users["key"][0])
+    inputs, _ = scorer.user_inputs(user_id)
+    user = scorer.tower(inputs)
+    row = {"model": name, "user_shape": list(user.shape),
+           "user_tower_onnx_ms": median_ms(lambda: scorer.tower(inputs), r) if scorer.onnx_tower else None,
+           "user_tower_graphcell_ms": median_ms(lambda: scorer.tower(inputs, "mindir"), r)}
+    for n in sizes:
+        index = tiled_index(scorer, n)
+        buffers = maxsim_buffers(user, index)
+
+        def request():  # user features in -> top 100 out
+            u = scorer.tower(inputs)
+            return best_first(maxsim(u, index, buffers), 100)
+        flop, nbytes = 2 * user.size * index.shape[0] * n, index.nbytes
+        row[f"maxsim_{n}_ms"] = median_ms(lambda: maxsim(user, index, buffers), r)
+        row[f"end_to_end_{n}_ms"] = median_ms(request, r)
+        row[f"floor_{n}"] = floor_ms(floor, flop, nbytes)
+    row = {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}
+    say(json.dumps(row))
+    return row
+
+
+def serving_compressed(cfg, scorer, user, users, sizes, r):
+    """Each compressed index against exact float32: speed at each size, top-100 overlap on the real catalogue
+    (with and without exact re-scoring of the shortlist), and the test AUC of the run's test pairs."""
+    from util import auc
+    from scorer import CompressedIndex, best_first, head_major, maxsim, maxsim_buffers, tiled_index
+    _, _, run_cfg, meta = trained_run(cfg, {"run_dir"})
+    pair_users, pair_items, labels = test_split_vectors(Path(cfg.run_dir) / "export", run_cfg, meta)
     exact_auc = auc(labels, pair_maxsim(pair_users, pair_items))
     catalogue_index = scorer.by_head[:, :-1]
     variants = [{"index": "float32 (exact)", "test_auc": round(exact_auc, 5)}]
     for kind in CompressedIndex.KINDS:
         variant = {"index": kind}
         real = CompressedIndex(catalogue_index, kind)
-        overlap = []
-        for u in users:
-            truth = set(best_first(maxsim(u, catalogue_index), 100))
-            overlap.append(len(truth & set(best_first(real.scores(u), 100))) / 100)
-        variant["top100_overlap_no_rescoring"] = round(float(np.mean(overlap)), 4)
+        truths = [set(best_first(maxsim(u, catalogue_index), 100)) for u in users]
+        variant["top100_overlap_no_rescoring"] = round(float(np.mean(
+            [len(t & set(best_first(real.scores(u), 100))) / 100 for u, t in zip(users, truths)])), 4)
         variant["top100_overlap_rescored"] = round(float(np.mean(
-            [len(set(best_first(maxsim(u, catalogue_index), 100)) & set(real.top_k(u, 100)[0])) / 100
-             for u in users])), 4)
+            [len(t & set(real.top_k(u, 100)[0])) / 100 for u, t in zip(users, truths)])), 4)
         pairs = CompressedIndex(head_major(pair_items), kind).widened().transpose(1, 0, 2)
         variant["test_auc"] = round(auc(labels, pair_maxsim(pair_users, pairs)), 5)
         variant["test_auc_change"] = round(variant["test_auc"] - exact_auc, 6)
@@ -449,10 +459,13 @@ def bench_serving(cfg, repeats, last_run=None, sizes=(10_000, 100_000), catalogu
         index = tiled_index(scorer, n)
         buffers = maxsim_buffers(user, index)
         variants[0][f"scores_{n}_ms"] = round(median_ms(lambda: maxsim(user, index, buffers), r), 3)
-    result["compressed"] = variants
+    return variants
 
-    # throughput: B users per call (one GEMM) against B single-user calls, 10,000 candidates
-    index = tiled_index(scorer, 10_000)
+
+def serving_batched(scorer, user, users, r, n=10_000):
+    """Throughput: B users per call (one GEMM) against B single-user calls, n candidates."""
+    from scorer import maxsim, maxsim_batch, maxsim_buffers, tiled_index
+    index = tiled_index(scorer, n)
     buffers = maxsim_buffers(user, index)
     batched = []
     for b in (8, 32):
@@ -461,9 +474,14 @@ def bench_serving(cfg, repeats, last_run=None, sizes=(10_000, 100_000), catalogu
         batched.append({"users_per_call": b, "one_user_path_users_per_s": round(b / single * 1000, 1),
                         "batched_users_per_s": round(b / many * 1000, 1), "speedup": round(single / many, 2)})
         say(json.dumps(batched[-1]))
-    result["batched_10000"] = batched
+    return batched
 
-    # catalogue scale: real item vectors resampled with noise (0.3 of each coordinate's spread), 1M items
+
+def serving_catalogue(scorer, user, users, floor, catalogue):
+    """Two-stage retrieval (IVF shortlist, exact MaxSim re-scoring) over `catalogue` items: the real item
+    vectors resampled with noise (0.3 of each coordinate's spread); recall@100 against exact MaxSim."""
+    from scorer import IVFRetriever, best_first, maxsim
+    catalogue_index = scorer.by_head[:, :-1]
     rng = np.random.default_rng(0)
     spread = catalogue_index.std(1, keepdims=True)
     big = np.empty((catalogue_index.shape[0], catalogue, catalogue_index.shape[2]), np.float32)
@@ -476,10 +494,11 @@ def bench_serving(cfg, repeats, last_run=None, sizes=(10_000, 100_000), catalogu
     started = time.perf_counter()
     truths = [set(best_first(maxsim(u, big), 100)) for u in queries]
     exact_ms = (time.perf_counter() - started) / len(queries) * 1000
+    lists = min(2048, max(1, catalogue // 200))
     started = time.perf_counter()
-    ivf = IVFRetriever(big, lists=2048, sample=64)
+    ivf = IVFRetriever(big, lists=lists, sample=64)
     build_s = time.perf_counter() - started
-    retrieval = {"items": catalogue, "exact_maxsim_ms": round(exact_ms, 1), "ivf_lists": 2048,
+    retrieval = {"items": catalogue, "exact_maxsim_ms": round(exact_ms, 1), "ivf_lists": lists,
                  "ivf_build_s": round(build_s, 1),
                  "exact_floor": floor_ms(floor, 2 * user.size * big.shape[0] * catalogue, big.nbytes), "rows": []}
     for nprobe, shortlist in ((16, 500), (32, 1000), (64, 1000), (64, 2000), (128, 2000)):
@@ -488,9 +507,7 @@ def bench_serving(cfg, repeats, last_run=None, sizes=(10_000, 100_000), catalogu
         retrieval["rows"].append({"nprobe": nprobe, "shortlist": shortlist, "recall_at_100": round(float(recall), 4),
                                   "ms": round(ms, 2)})
         say(json.dumps(retrieval["rows"][-1]))
-    result["catalogue"] = retrieval
-    result["machine"] = machine()
-    return result
+    return retrieval
 
 
 def main():

@@ -38,6 +38,13 @@ def test_bench_serve_scores_from_a_trained_run(tiny_cfg):
     assert [r["candidates"] for r in result["rows"]] == [100, 1_000]
     for row in result["rows"]:
         assert row["maxsim_ms"] > 0 and row["full_model_ms"] > 0 and row["two_tower_dot_ms"] > 0
+    serving = benchmark.bench_serving(cfg, repeats=1, sizes=(500,), catalogue=3_000)
+    (request,) = serving["requests"]
+    assert request["end_to_end_500_ms"] > 0 and set(request["floor_500"]) == {"flop_floor_ms", "byte_floor_ms"}
+    assert [v["index"] for v in serving["compressed"]] == ["float32 (exact)", "int8", "bfloat16", "float16"]
+    assert all(0 <= v["top100_overlap_rescored"] <= 1 for v in serving["compressed"][1:])
+    assert [b["users_per_call"] for b in serving["batched_10000"]] == [8, 32]
+    assert all(0 <= row["recall_at_100"] <= 1 for row in serving["catalogue"]["rows"])
 
 
 def test_bench_serve_needs_a_run(tiny_cfg):
