@@ -108,7 +108,10 @@ def load_schema(source):
 
 
 def check_schema(s, path):
-    """Everything a schema can get wrong before any data is read."""
+    """Everything a schema can get wrong before any data is read, each check one line naming the key.
+
+    Long on purpose: a flat list of independent checks in the order of the schema's sections, read top to
+    bottom; splitting it would scatter the rules of one format over several places."""
     def bad(key, problem):
         raise UserError(f"schema {Path(path).name}: key {key}: {problem}")
 
@@ -885,7 +888,8 @@ def generate_alibaba(out_dir, n_users=20000, n_items=5000, per_user=20, seed=202
     """raw_sample.csv, user_profile.csv and ad_feature.csv in the Tianchi format (headers; user_profile's last
     header name ends in a space; empty pvalue_level / new_user_class_level; brand NULL), 8 days of
     impressions, 5 % of users without a profile, clicks (~5 %) from planted user-segment x category
-    affinities. Vectorised and written in chunks: 26 M rows (the real size) take a few minutes."""
+    affinities. Vectorised and written in chunks: 26 M rows (the real size) take a few minutes.
+    One generative story (users, ads, impressions, clicks, files), read top to bottom: hence its length."""
     from tqdm import tqdm
     rng = np.random.default_rng(seed)
     out = Path(out_dir)
@@ -1217,29 +1221,7 @@ class Plan:
         if not keep.any():
             raise UserError("no ratings left after dropping the neutral rating" if s["label"].get("drop_threshold")
                             else f"no interactions left after label.drop ({s['label'].get('drop')})")
-        # joins: each interaction's row in the user and item tables (T = the unknown row, for 'oov')
-        self.join, pos, self.tables = {}, {}, {}
-        for side, section in (("user", "users"), ("item", "items")):
-            key_col = s["interactions"][f"{side}_key"]
-            if section in s:
-                table = raw.tables[section]
-                tdf = table.df.reset_index(drop=True)
-                p = pd.Index(tdf[s[section]["key"]]).get_indexer(df[key_col])
-                miss = p < 0
-                policy = s[section]["missing"]
-                n_miss = int((miss & keep).sum())
-                self.join[section] = {"file": table.shown, "policy": policy, "interactions_without_row": n_miss,
-                                      "keys_without_row": int(df[key_col][miss & keep].nunique()) if n_miss else 0}
-                if n_miss:
-                    say(f"{section}: {n_miss:,} interactions ({self.join[section]['keys_without_row']:,} keys) have "
-                        f"no row in {table.shown}: " + ("dropped" if policy == "drop" else "out-of-vocabulary "
-                                                         "features") + f" ({section}.missing = {policy})")
-                if policy == "drop":
-                    keep &= ~miss
-                pos[side] = np.where(miss, len(tdf), p)
-                self.tables[side] = (tdf, s[section]["key"])
-            else:
-                pos[side] = None
+        pos, keep = self._joins(df, keep)
         rows = None if keep.all() else np.flatnonzero(keep)
         self.sel = sel = (lambda a: a) if rows is None else (lambda a: a[rows])
         if not len(label_values if rows is None else rows):
@@ -1265,6 +1247,34 @@ class Plan:
         self._keys()
         self._features()
 
+    def _joins(self, df, keep):
+        """Each interaction's row in the user and item tables (T = the unknown row, for 'oov'), misses counted
+        in self.join and dropped from `keep` where the schema says drop; returns (positions, keep)."""
+        s, raw = self.schema, self.raw
+        self.join, pos, self.tables = {}, {}, {}
+        for side, section in (("user", "users"), ("item", "items")):
+            key_col = s["interactions"][f"{side}_key"]
+            if section in s:
+                table = raw.tables[section]
+                tdf = table.df.reset_index(drop=True)
+                p = pd.Index(tdf[s[section]["key"]]).get_indexer(df[key_col])
+                miss = p < 0
+                policy = s[section]["missing"]
+                n_miss = int((miss & keep).sum())
+                self.join[section] = {"file": table.shown, "policy": policy, "interactions_without_row": n_miss,
+                                      "keys_without_row": int(df[key_col][miss & keep].nunique()) if n_miss else 0}
+                if n_miss:
+                    say(f"{section}: {n_miss:,} interactions ({self.join[section]['keys_without_row']:,} keys) have "
+                        f"no row in {table.shown}: " + ("dropped" if policy == "drop" else "out-of-vocabulary "
+                                                         "features") + f" ({section}.missing = {policy})")
+                if policy == "drop":
+                    keep &= ~miss
+                pos[side] = np.where(miss, len(tdf), p)
+                self.tables[side] = (tdf, s[section]["key"])
+            else:
+                pos[side] = None
+        return pos, keep
+
     def _keys(self):
         """int64 keys of every row and table row (the ids themselves when they are integers, else 1..T by
         table position, and T+1... for keys without a row)."""
@@ -1287,70 +1297,30 @@ class Plan:
                 self.names[side] = tdf[key].astype(str).to_numpy(dtype=str)
 
     def _features(self):
-        s, cfg, df = self.schema, self.cfg, self.raw.interactions.df
+        """Every declared feature, by kind (_categorical, _multi_valued, _numeric), then the mean-target
+        features and the towers' specs (meta.json "towers")."""
+        s, df = self.schema, self.raw.interactions.df
         self.fields = {t: {"sparse": [], "multi": [], "dense": []} for t in ("user", "item")}
         self.vocab, self.info = {}, []
-        train = self.splits["train"]
         for k, f in enumerate(s["features"]):
             if "prefix" in f and not f["prefix"]:
                 continue  # a prefix feature switched off (--zip_prefix 0)
             side, kind = f["side"], f["kind"]
             tdf = self.tables[side][0]
             on_table = f["column"] in tdf
-            pos, size = self.pos[side], self.size[side]
             values = tdf[f["column"]] if on_table else df[f["column"]]
             if "prefix" in f:
                 values = values.astype("string").str[:f["prefix"]]
             info = {"name": f["name"], "side": side, "kind": kind, "column": f["column"],
                     "from": "table" if on_table else "interactions", "id": bool(f.get("id"))}
-            if kind == "categorical":
-                codes, uniques = factorize_sorted(values)
-                if on_table:
-                    w = self.fit_count[side][:size]
-                    ok = codes >= 0
-                    counts = np.bincount(codes[ok], weights=w[ok], minlength=len(uniques))
-                else:
-                    codes = self.sel(codes)
-                    fit = codes[self.fit_rows]
-                    counts = np.bincount(fit[fit >= 0], minlength=len(uniques))
-                ids, vocab, vsize, buckets = vocabulary(codes, uniques, counts, f, cfg.hash_buckets)
-                if on_table:
-                    array = np.append(ids, 0).astype(np.int32)  # the unknown row: out of vocabulary
-                    catalog = array[:size]
-                else:
-                    array = ids
-                    catalog = np.full(size, np.bincount(ids[train]).argmax() if len(train) else 0, np.int32)
-                entry = {"name": f["name"], "vocab_size": vsize}
-                if buckets:
-                    entry["hash_buckets"] = buckets
-                info.update(vocab_size=vsize, hash_buckets=buckets, min_count=f.get("min_count", 0))
-                self.fields[side]["sparse"].append((entry, on_table, array, catalog))
-                self.vocab[f["name"]] = np.asarray(vocab).astype(str)
-            elif kind == "multi":
-                if not on_table:
-                    raise UserError(f"schema key features[{k}].column: a multi-valued feature must be a column of "
-                                    f"the {side}s table, not of the interactions")
-                ids, mask, vocab, vsize, buckets = self._multi(values, f, side)
-                entry = {"name": f["name"], "vocab_size": vsize, "max_len": int(ids.shape[1])}
-                if buckets:
-                    entry["hash_buckets"] = buckets
-                info.update(vocab_size=vsize, max_len=int(ids.shape[1]), hash_buckets=buckets)
-                self.fields[side]["multi"].append((entry, ids, mask))
-                self.vocab[f["name"]] = np.asarray(vocab).astype(str)
-            else:
-                x = pd.to_numeric(values, errors="coerce").to_numpy(np.float64)
-                fit_values = np.append(x, np.nan)[pos[train]] if on_table else self.sel(x)[train]
-                y, fill, stats = normalise(x, fit_values, f["norm"])
-                info.update(norm=f["norm"], fill=fill, missing=int(np.isnan(x).sum()), **stats)
-                array = np.append(y, fill).astype(np.float32) if on_table else self.sel(y).astype(np.float32)
-                self.fields[side]["dense"].append((f["name"], on_table, array,
-                                                   array[:size] if on_table else np.full(size, fill, np.float32)))
+            add = {"categorical": self._categorical, "multi": self._multi_valued, "numeric": self._numeric}[kind]
+            info.update(add(k, f, side, values, on_table))
             self.info.append(info)
         tm = s.get("target_means", {})
         self.means = None
         if tm:
             self.means = mean_features(self.protocol, self.splits, self.labels, self.pos["user"], self.pos["item"],
-                                       self.size["user"] + 1, self.size["item"] + 1, cfg.mean_prior)
+                                       self.size["user"] + 1, self.size["item"] + 1, self.cfg.mean_prior)
             for j, side in enumerate(("user", "item")):
                 if side in tm:
                     self.fields[side]["dense"].append((tm[side], "mean", j, None))
@@ -1363,6 +1333,56 @@ class Plan:
             if not spec["sparse"] and not spec["multi"]:
                 raise UserError(f"schema key features: the {side} tower needs at least one categorical or "
                                 f"multi-valued feature")
+
+    def _categorical(self, k, f, side, values, on_table):
+        """Ids of a categorical feature (vocabulary from the fitting rows, min_count, hash_buckets)."""
+        size, train = self.size[side], self.splits["train"]
+        codes, uniques = factorize_sorted(values)
+        if on_table:
+            w = self.fit_count[side][:size]
+            ok = codes >= 0
+            counts = np.bincount(codes[ok], weights=w[ok], minlength=len(uniques))
+        else:
+            codes = self.sel(codes)
+            fit = codes[self.fit_rows]
+            counts = np.bincount(fit[fit >= 0], minlength=len(uniques))
+        ids, vocab, vsize, buckets = vocabulary(codes, uniques, counts, f, self.cfg.hash_buckets)
+        if on_table:
+            array = np.append(ids, 0).astype(np.int32)  # the unknown row: out of vocabulary
+            catalog = array[:size]
+        else:
+            array = ids
+            catalog = np.full(size, np.bincount(ids[train]).argmax() if len(train) else 0, np.int32)
+        entry = {"name": f["name"], "vocab_size": vsize}
+        if buckets:
+            entry["hash_buckets"] = buckets
+        self.fields[side]["sparse"].append((entry, on_table, array, catalog))
+        self.vocab[f["name"]] = np.asarray(vocab).astype(str)
+        return {"vocab_size": vsize, "hash_buckets": buckets, "min_count": f.get("min_count", 0)}
+
+    def _multi_valued(self, k, f, side, values, on_table):
+        """Ids and mask of a multi-valued feature (a column of the side table)."""
+        if not on_table:
+            raise UserError(f"schema key features[{k}].column: a multi-valued feature must be a column of "
+                            f"the {side}s table, not of the interactions")
+        ids, mask, vocab, vsize, buckets = self._multi(values, f, side)
+        entry = {"name": f["name"], "vocab_size": vsize, "max_len": int(ids.shape[1])}
+        if buckets:
+            entry["hash_buckets"] = buckets
+        self.fields[side]["multi"].append((entry, ids, mask))
+        self.vocab[f["name"]] = np.asarray(vocab).astype(str)
+        return {"vocab_size": vsize, "max_len": int(ids.shape[1]), "hash_buckets": buckets}
+
+    def _numeric(self, k, f, side, values, on_table):
+        """A numeric feature, normalised with statistics of the training rows (missing values: the fill)."""
+        size, train, pos = self.size[side], self.splits["train"], self.pos[side]
+        x = pd.to_numeric(values, errors="coerce").to_numpy(np.float64)
+        fit_values = np.append(x, np.nan)[pos[train]] if on_table else self.sel(x)[train]
+        y, fill, stats = normalise(x, fit_values, f["norm"])
+        array = np.append(y, fill).astype(np.float32) if on_table else self.sel(y).astype(np.float32)
+        self.fields[side]["dense"].append((f["name"], on_table, array,
+                                           array[:size] if on_table else np.full(size, fill, np.float32)))
+        return {"norm": f["norm"], "fill": fill, "missing": int(np.isnan(x).sum()), **stats}
 
     def _multi(self, values, f, side):
         """(T+1, L) ids and mask of a multi-valued table column ('a|b|c'), vocabulary fitted as categorical."""

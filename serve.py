@@ -108,6 +108,9 @@ class Service:
 
 
 def make_handler(service, max_body):
+    """The request handler class of `service`: GET /health, POST /score and /reload, one-line 400s. A class
+    made here (rather than at module level) so it can close over the service and the body limit; its length
+    is the class's."""
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive: a client reuses its connection
         disable_nagle_algorithm = True  # else each answer waits ~40 ms for the client's delayed ACK (measured)
