@@ -1,7 +1,7 @@
 """The fault matrix behind docs/reliability.md: bad data files, damaged checkpoints, signals, an offline
 download and a full disk, each tried from the command line as a user meets it.
 
-    python scripts/reliability.py > docs/reliability-table.md     # ~5 minutes on 2 cores; root for the tmpfs
+    python scripts/reliability.py > table.md     # ~5 minutes on 2 cores; root for the tmpfs (docs/reliability.md)
 
 Every case prints one table row: the fault, what ran, the exit status, the last line the command printed,
 and the check that nothing was lost or half-written. The disk-full cases mount small tmpfs folders
