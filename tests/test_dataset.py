@@ -144,6 +144,20 @@ def test_random_split_sizes_and_seed(tmp_path, sample):
     assert not np.array_equal(other["test"]["item_key"], arrays["test"]["item_key"])
 
 
+@pytest.mark.parametrize("protocol", ["random", "temporal"])
+def test_splits_are_disjoint_and_cover_every_labelled_rating(tmp_path, sample, protocol):
+    folder, raw = sample
+    meta, arrays, _ = gd.build(raw, cfg_for(tmp_path, folder, protocol=protocol))
+    pairs = {s: set(zip(arrays[s]["user_key"].tolist(), arrays[s]["item_key"].tolist())) for s in gd.SPLITS}
+    assert all(len(pairs[s]) == meta["rows"][s] for s in gd.SPLITS)  # a (user, movie) pair is one rating
+    assert not pairs["train"] & pairs["val"] and not pairs["train"] & pairs["test"] and not pairs["val"] & pairs["test"]
+    labelled = raw.ratings[raw.ratings["rating"] != 3]
+    assert set().union(*pairs.values()) == set(zip(labelled["user"].tolist(), labelled["item"].tolist()))
+    if protocol == "random":  # drawn from the same rows: validation looks like test
+        rate = {s: arrays[s]["label"].mean() for s in ("val", "test")}
+        assert abs(rate["val"] - rate["test"]) < 0.05, rate
+
+
 def test_temporal_split_is_ordered_in_time(tmp_path, sample):
     folder, raw = sample
     meta, arrays, _ = gd.build(raw, cfg_for(tmp_path, folder, protocol="temporal"))

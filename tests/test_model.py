@@ -293,6 +293,22 @@ def test_cir_anchors_are_the_first_rows():
     np.testing.assert_allclose(cir(T(u[:3]), T(v), T(y[:3])).asnumpy(), expected, rtol=1e-5)
 
 
+def test_model_cir_takes_its_anchors_from_the_first_rows():
+    """IntTower.aux_loss with cir_anchors=k: the first k rows of the batch against all its items."""
+    net = M.build_model(META, SMALL.replace(cir_anchors=3))
+    net.set_train(False)
+    b = batch(8)
+    b["label"][:] = 1.0
+    _, (u, v) = net.forward(*inputs(b))
+    y = T(b["label"])
+    cir = CIRLoss(SMALL.cir_tau)
+    got = float(net.aux_loss((u, v), y).asnumpy())
+    first = SMALL.cir_weight * float(cir(u[:3], v, y[:3]).asnumpy())
+    last = SMALL.cir_weight * float(cir(u[-3:], v, y[-3:]).asnumpy())
+    assert abs(first - last) > 1e-4  # the test can tell the two apart
+    np.testing.assert_allclose(got, first, rtol=1e-5)
+
+
 def test_two_tower_is_inttower_without_additions():
     net = M.build_model(META, SMALL.replace(model="two_tower"))
     assert net.interaction == "dot" and net.user_tower.attention is None and not net.has_aux
