@@ -162,6 +162,8 @@ def export_run(cfg, overrides=frozenset()):
         formats = export_graphs(model, tmp, {**users, **items}, meta)
         np.save(tmp / "item_index.npy", index)
         np.save(tmp / "item_ids.npy", items["key"].astype(np.int64))
+        if "name" in items:  # data sets with text ids: the raw id of each index row
+            np.save(tmp / "item_names.npy", items["name"].astype(str))
         np.savez(tmp / "users.npz", **users)
         np.savez(tmp / "vocab.npz", **data.arrays("vocab"))
         (tmp / "titles.json").write_text(json.dumps([str(t) for t in items["title"]]))

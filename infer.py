@@ -33,10 +33,11 @@ def main(argv=None):
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--run_dir", help="a run whose export is in RUN/export (python export.py --run_dir RUN)")
     where.add_argument("--export_dir", help="an export folder (python export.py --output_dir DIR)")
-    parser.add_argument("--user_id", type=int, required=True, help="MovieLens user id (unknown ids are allowed)")
-    parser.add_argument("--top_k", type=int, default=10, help="how many movies to return")
+    parser.add_argument("--user_id", required=True,
+                        help="user id: an integer, or the text id of data sets that have them (unknown ids are allowed)")
+    parser.add_argument("--top_k", type=int, default=10, help="how many items to return")
     parser.add_argument("--candidates", default=None,
-                        help="comma-separated movie ids to score (default: the whole catalogue; '' for none)")
+                        help="comma-separated item ids to score (default: the whole catalogue; '' for none)")
     parser.add_argument("--user_features", default="", help="raw features of an unknown user: gender=F,age=25,...")
     parser.add_argument("--warm_calls", type=int, default=20, help="repeats of the request for the warm latency")
     parser.add_argument("--user_tower", default="auto", choices=Scorer.USER_TOWERS,
@@ -47,14 +48,16 @@ def main(argv=None):
     if args.warm_calls < 0:
         parser.error("--warm_calls must be 0 or more")
     candidates = None
-    if args.candidates is not None:
-        try:
-            candidates = [int(x) for x in args.candidates.split(",") if x.strip()]
-        except ValueError:
-            parser.error(f"--candidates expects comma-separated integers, got {args.candidates!r}")
+    if args.candidates is not None:  # integers stay integers; text ids (Amazon's asin) stay text
+        candidates = [int(x) if x.strip().lstrip("-").isdigit() else x.strip()
+                      for x in args.candidates.split(",") if x.strip()]
     scorer = Scorer(Path(args.export_dir) if args.export_dir else Path(args.run_dir) / "export",
                     user_tower=args.user_tower)
-    request = (args.user_id, candidates, args.top_k, parse_features(args.user_features))
+    if scorer.item_names is None and any(isinstance(c, str) for c in candidates or []):
+        parser.error(f"--candidates expects comma-separated integers (this data set's item ids are integers), "
+                     f"got {args.candidates!r}")
+    user_id = int(args.user_id) if args.user_id.lstrip("-").isdigit() else args.user_id
+    request = (user_id, candidates, args.top_k, parse_features(args.user_features))
     result = scorer.recommend(*request)
     cold = result.pop("milliseconds", None)
     warm = [scorer.recommend(*request).get("milliseconds", 0.0) for _ in range(args.warm_calls)]

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from get_dataset import unknown_inputs
+from get_dataset import hash_ids, unknown_inputs
 from util import UserError, md5_file, read_json
 
 
@@ -251,6 +251,11 @@ class Scorer:
         self.vocab = {k: vocab[k] for k in vocab.files}
         self.user_rows = pd.Index(self.users["key"])  # built once: a lookup is then a hash probe
         self.item_rows = pd.Index(self.item_ids)
+        # data sets with text ids (Amazon's reviewerID and asin): the keys are table positions, the raw ids names
+        self.user_names = pd.Index(self.users["name"]) if "name" in self.users else None
+        names = self.dir / "item_names.npy"
+        self.item_names = np.load(names) if names.is_file() else None
+        self.item_name_rows = pd.Index(self.item_names) if self.item_names is not None else None
         ms.set_context(mode=ms.GRAPH_MODE)
         # the MINDIR has a dynamic batch: it serves batches of users (user_vectors) and is the reference
         self.user_tower = nn.GraphCell(ms.load(str(self.dir / "user_tower.mindir")))
@@ -277,18 +282,33 @@ class Scorer:
         those of an unknown user (out-of-vocabulary ids, the prior); raw `features` of the user's sparse
         fields (e.g. {"gender": "F", "age": 25}) replace the ids of those fields."""
         m = self.manifest
-        row = int(self.user_rows.get_indexer([user_id])[0])
+        row = self.user_row(user_id)
         if row >= 0:
             inputs = {k: self.users[k][row:row + 1].copy() for k in m["user_inputs"]}
         else:
             inputs = unknown_inputs(m["towers"], "user", self.prior)
-        fields = [f["name"] for f in m["towers"]["user"]["sparse"]]
+        specs = m["towers"]["user"]["sparse"]
+        fields = [f["name"] for f in specs]
         for name, value in (features or {}).items():
             if name not in fields:
                 raise UserError(f"unknown user feature {name!r}; the user fields are {', '.join(fields)}")
-            hit = np.flatnonzero(self.vocab[name] == str(value))
-            inputs["user_sparse"][0, fields.index(name)] = hit[0] + 1 if hit.size else 0
+            spec = specs[fields.index(name)]
+            if spec.get("hash_buckets"):  # a hashed field has no vocabulary: its id is the value's hash
+                inputs["user_sparse"][0, fields.index(name)] = hash_ids([value], spec["hash_buckets"])[0]
+            else:
+                hit = np.flatnonzero(self.vocab[name] == str(value))
+                inputs["user_sparse"][0, fields.index(name)] = hit[0] + 1 if hit.size else 0
         return inputs, row >= 0
+
+    def user_row(self, user_id):
+        """The user's row in the feature table (-1: unknown): by its raw text id where the data set has text
+        ids (a string), else by its integer key."""
+        if isinstance(user_id, str) and self.user_names is not None:
+            return int(self.user_names.get_indexer([user_id])[0])
+        try:
+            return int(self.user_rows.get_indexer([int(user_id)])[0])
+        except ValueError:
+            raise UserError(f"user id {user_id!r}: this data set's user ids are integers") from None
 
     def user_vector(self, user_id, features=None, backend=None):
         """The user's representation (L, H, p) (d for dot models) and whether the user is known; `backend`
@@ -312,14 +332,22 @@ class Scorer:
         return self.user_tower(*[ms.Tensor(np.concatenate([x[k] for x in inputs])) for k in names]).asnumpy()
 
     # ---- scoring
+    def _item_rows(self, candidates):
+        """Index rows of candidate item ids (-1: not in the index): raw text ids where the data set has them."""
+        if self.item_name_rows is not None and any(isinstance(c, str) for c in candidates):
+            return self.item_name_rows.get_indexer([str(c) for c in candidates])
+        try:
+            return self.item_rows.get_indexer(np.asarray(candidates, dtype=np.int64))
+        except (ValueError, TypeError):
+            raise UserError("candidate ids: this data set's item ids are integers") from None
+
     def unknown_items(self, candidates):
         """The candidate ids that have no row in the index (serve.py refuses them; infer.py scores them as OOV)."""
-        candidates = np.asarray(candidates, dtype=np.int64)
-        return candidates[self.item_rows.get_indexer(candidates) < 0]
+        return [c for c, row in zip(candidates, self._item_rows(candidates)) if row < 0]
 
     def rows(self, candidates):
-        """Index rows of candidate movie ids (unknown ids -> the out-of-vocabulary row)."""
-        rows = self.item_rows.get_indexer(np.asarray(candidates, dtype=np.int64))
+        """Index rows of candidate item ids (unknown ids -> the out-of-vocabulary row)."""
+        rows = self._item_rows(candidates)
         return np.where(rows < 0, self.manifest["oov_row"], rows)
 
     def scores(self, user, rows=None):
@@ -338,17 +366,19 @@ class Scorer:
         user, known = self.user_vector(user_id, features)
         if candidates is not None and len(candidates) == 0:
             return {"user_id": user_id, "known_user": known, "candidates": 0, "items": []}
-        ids = self.item_ids if candidates is None else np.asarray(candidates, dtype=np.int64)
-        rows = None if candidates is None else self.rows(ids)
+        ids = self.item_ids if candidates is None else np.asarray(candidates, dtype=object)
+        rows = None if candidates is None else self.rows(list(candidates))
         logits = self.scores(user, rows)
         best = best_first(logits, top_k)
         all_rows = np.arange(len(self.item_ids)) if rows is None else rows
         picked, scores = all_rows[best], logits[best].astype(np.float64)
         known_items = picked < len(self.item_ids)
-        items = [{"movie_id": movie, "title": self.titles[row] if known else None, "known_item": known,
+        names = self.item_names
+        items = [{"item_id": item, "name": str(names[row]) if names is not None and known else None,
+                  "title": self.titles[row] if known else None, "known_item": known,
                   "score": score, "probability": prob}
-                 for movie, row, known, score, prob in zip(ids[best].tolist(), picked.tolist(), known_items.tolist(),
-                                                           scores.tolist(), (1 / (1 + np.exp(-scores))).tolist())]
+                 for item, row, known, score, prob in zip(ids[best].tolist(), picked.tolist(), known_items.tolist(),
+                                                          scores.tolist(), (1 / (1 + np.exp(-scores))).tolist())]
         return {"user_id": user_id, "known_user": known, "candidates": int(len(logits)), "items": items,
                 "milliseconds": round((time.perf_counter() - started) * 1000, 3)}
 

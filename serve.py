@@ -7,8 +7,9 @@
     curl -s -X POST localhost:8000/reload                          # swap in a new export (or: kill -HUP PID)
     python serve.py --run_dir runs/RUN --load_test                 # bounded load test (docs/serving.md)
 
-POST /score takes a JSON object with user_id (int; unknown ids take the out-of-vocabulary path) and/or
-user_features (raw values of the user's sparse fields), optional candidates (movie ids, all in the index)
+POST /score takes a JSON object with user_id (an integer, or the text id of data sets that have them;
+unknown ids take the out-of-vocabulary path) and/or
+user_features (raw values of the user's sparse fields), optional candidates (item ids, all in the index)
 and top_k (default 10); it answers the ranked items with their scores. A bad request (unknown field, wrong
 type, top_k <= 0, a candidate not in the index, a body over --max_body bytes, invalid JSON) is answered
 400 with one line; a reload loads the new export beside the old one and swaps it in with one assignment,
@@ -32,7 +33,7 @@ from model_config import Parser
 from scorer import Scorer
 from util import UserError, run_cli, say
 
-FIELDS = {"user_id": int, "user_features": dict, "candidates": list, "top_k": int}
+FIELDS = {"user_id": (int, str), "user_features": dict, "candidates": list, "top_k": int}
 
 
 class NotFound(UserError):
@@ -52,11 +53,14 @@ def parse_request(body, scorer):
         raise UserError(f"unknown field(s) {', '.join(unknown)}; the fields are {', '.join(FIELDS)}")
     for name, kind in FIELDS.items():  # bool is an int in Python, never in this API
         if name in request and (not isinstance(request[name], kind) or isinstance(request[name], bool)):
-            raise UserError(f"{name} must be {'an object' if kind is dict else 'a list' if kind is list else 'an integer'}")
+            raise UserError(f"{name} must be {'an object' if kind is dict else 'a list' if kind is list else 'an integer' if kind is int else 'an integer or a text id'}")
     if "user_id" not in request and "user_features" not in request:
         raise UserError("give user_id, user_features or both")
-    if abs(request.get("user_id", 0)) >= 2**63:
+    user_id = request.get("user_id", -1)
+    if isinstance(user_id, int) and abs(user_id) >= 2**63:
         raise UserError("user_id must fit in 64 bits")
+    if isinstance(user_id, str) and scorer.user_names is None:
+        raise UserError("user_id must be an integer (this data set's user ids are integers)")
     top_k = request.get("top_k", 10)
     if top_k <= 0:
         raise UserError(f"top_k must be positive, got {top_k}")
@@ -65,14 +69,17 @@ def parse_request(body, scorer):
         raise UserError("user_features values must be strings or integers")
     candidates = request.get("candidates")
     if candidates is not None:
-        if not all(isinstance(c, int) and not isinstance(c, bool) for c in candidates):
-            raise UserError("candidates must be a list of integer movie ids")
-        if any(abs(c) >= 2**63 for c in candidates):
+        text_ids = scorer.item_names is not None
+        if not all((isinstance(c, int) and not isinstance(c, bool)) or (text_ids and isinstance(c, str))
+                   for c in candidates):
+            raise UserError("candidates must be a list of item ids" + (" (integers or text ids)" if text_ids else
+                                                                       " (integers)"))
+        if any(isinstance(c, int) and abs(c) >= 2**63 for c in candidates):
             raise UserError("candidate ids must fit in 64 bits")
         missing = scorer.unknown_items(candidates)
-        if missing.size:
-            raise UserError(f"{missing.size} candidate id(s) not in the index: {', '.join(map(str, missing[:10]))}")
-    return request.get("user_id", -1), features, candidates, top_k
+        if missing:
+            raise UserError(f"{len(missing)} candidate id(s) not in the index: {', '.join(map(str, missing[:10]))}")
+    return user_id, features, candidates, top_k
 
 
 class Service:

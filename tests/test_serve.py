@@ -56,10 +56,10 @@ def test_health_and_score(server):
     status, out = call(port, "POST", "/score", {"user_id": user_id, "top_k": 5})
     assert status == 200 and len(out["items"]) == 5 and out["known_user"]
     expected = service.scorer.recommend(user_id, top_k=5)["items"]
-    assert [i["movie_id"] for i in out["items"]] == [i["movie_id"] for i in expected]
+    assert [i["item_id"] for i in out["items"]] == [i["item_id"] for i in expected]
     candidates = [int(c) for c in service.scorer.item_ids[:4]]
     status, out = call(port, "POST", "/score", {"user_id": user_id, "candidates": candidates, "top_k": 10})
-    assert status == 200 and sorted(i["movie_id"] for i in out["items"]) == sorted(candidates)
+    assert status == 200 and sorted(i["item_id"] for i in out["items"]) == sorted(candidates)
     status, out = call(port, "POST", "/score", {"user_features": {"gender": "F"}, "top_k": 2})
     assert status == 200 and not out["known_user"] and len(out["items"]) == 2
 
@@ -73,7 +73,7 @@ def test_health_and_score(server):
     ({"user_id": 1, "top_k": 2.5}, "top_k must be an integer"),
     ({"user_id": 1, "candidates": [10**8]}, "not in the index: 100000000"),
     ({"user_id": 1, "candidates": "1,2"}, "candidates must be a list"),
-    ({"user_id": 1, "candidates": [1, None]}, "list of integer movie ids"),
+    ({"user_id": 1, "candidates": [1, None]}, "list of item ids (integers)"),
     ({"user_id": 1, "user_features": {"shoe_size": 42}}, "unknown user feature"),
     ({"user_id": 1, "user_features": {"gender": [1]}}, "strings or integers"),
     ({"user_id": 10**30}, "fit in 64 bits"),

@@ -140,7 +140,7 @@ def test_unknown_ids_and_empty_candidates(run):
     scorer = Scorer(run_dir / "export")
     out = scorer.recommend(10**9, candidates=[1, 2, 10**9], top_k=10)
     assert not out["known_user"] and out["candidates"] == 3
-    unknown = [i for i in out["items"] if i["movie_id"] == 10**9][0]
+    unknown = [i for i in out["items"] if i["item_id"] == 10**9][0]
     assert not unknown["known_item"] and np.isfinite(unknown["score"])
     oov_score = scorer.scores(scorer.user_vector(10**9)[0], np.array([scorer.manifest["oov_row"]]))[0]
     assert unknown["score"] == pytest.approx(float(oov_score))
@@ -257,3 +257,22 @@ def test_infer_reports_cold_and_warm_latency(run):
     assert out.returncode == 0, out.stderr
     latency = json.loads(out.stdout)["latency_ms"]
     assert latency["cold_first_call"] > 0 and latency["warm_median"] > 0 and latency["warm_calls"] == 3
+
+
+def test_text_ids_of_amazon_are_served(tmp_path):
+    """Data sets whose ids are text (Amazon's reviewerID and asin): the scorer takes and returns the raw ids,
+    and a text id scores exactly as the integer key of the same row."""
+    cfg = Config(dataset="amazon-synthetic", data_dir=str(tmp_path / "data"), run_dir=str(tmp_path / "run"),
+                 synthetic_users=300, synthetic_items=120, mlp=(16,), heads=2, head_dim=4, embed_dim=4,
+                 batch_size=256, epochs=1)
+    train.train(cfg)
+    export_run(Config(run_dir=cfg.run_dir), {"run_dir"})
+    scorer = Scorer(tmp_path / "run" / "export")
+    assert scorer.user_names is not None and scorer.item_names is not None
+    user, items = str(scorer.user_names[0]), [str(x) for x in scorer.item_names[:3]]
+    out = scorer.recommend(user, items + ["NOT-AN-ASIN"], top_k=4)
+    assert out["known_user"] and {i["item_id"] for i in out["items"]} == set(items) | {"NOT-AN-ASIN"}
+    assert [i["known_item"] for i in out["items"] if i["item_id"] == "NOT-AN-ASIN"] == [False]
+    by_key = scorer.recommend(int(scorer.users["key"][0]), scorer.item_ids[:3].tolist(), top_k=3)
+    assert sorted(i["score"] for i in by_key["items"]) == sorted(i["score"] for i in out["items"] if i["known_item"])
+    assert scorer.unknown_items(items + ["NOT-AN-ASIN"]) == ["NOT-AN-ASIN"]
