@@ -28,7 +28,7 @@ from util import UserError, md5_bytes, md5_file, run_cli, say, write_json
 
 import numpy as np
 
-from get_dataset import load_dataset, tower_inputs, unknown_inputs
+from get_dataset import dense_fills, load_dataset, tower_inputs, unknown_inputs
 from model_config import parse_args
 from runtime import load_checkpoint, load_model, trained_run
 
@@ -96,7 +96,7 @@ def item_index(model, items, meta, batch_size):
     unknown (out-of-vocabulary) item."""
     import mindspore as ms
     names = tower_inputs(meta["towers"], "item")
-    unknown = unknown_inputs(meta["towers"], "item", meta["positive_rate"]["train"])
+    unknown = unknown_inputs(meta["towers"], "item", meta["positive_rate"]["train"], dense_fills(meta))
     inputs = {k: np.concatenate([items[k], unknown[k]]) for k in names}
     index = [model.item_representation(*[ms.Tensor(inputs[k][start:start + batch_size]) for k in names]).asnumpy()
              for start in range(0, len(inputs[names[0]]), batch_size)]
@@ -174,6 +174,7 @@ def export_run(cfg, overrides=frozenset()):
             "scoring": model.scoring, "last_layer_only": bool(run_cfg.for_model().last_layer_only or truncated),
             "truncated_to_last_layer": bool(truncated),
             "score_bias": float(model.bias.asnumpy()), "prior": meta["positive_rate"]["train"],
+            "dense_fills": dense_fills(meta),
             "user_shape": user_shape,
             "item_shape": list(index.shape[1:]), "items": int(len(items["key"])), "oov_row": int(len(items["key"])),
             "dataset": meta["dataset"], "protocol": meta["protocol"], "towers": meta["towers"], "inputs": meta["inputs"],

@@ -1539,17 +1539,24 @@ def id_field(towers, tower):
     return names.index(towers[tower]["id"]) if towers[tower].get("id") in names else 0
 
 
-def unknown_inputs(towers, tower, prior):
+def dense_fills(meta):
+    """The value of each numeric feature for a user or item without a row (its training fill: the
+    normalised training mean, as the tables' unknown row); mean-label features are not in it (the prior)."""
+    return {f["name"]: f["fill"] for f in meta.get("fields", []) if f.get("kind") == "numeric"}
+
+
+def unknown_inputs(towers, tower, prior, fills=None):
     """One row of a tower's inputs for a user or item with no row in the tables: out-of-vocabulary ids,
-    no multi-valued ids, and the training positive rate `prior` as every dense feature (no history)."""
-    spec, rows = towers[tower], {}
+    no multi-valued ids, each numeric feature's training fill (dense_fills) and the training positive rate
+    `prior` as every mean-label feature (no history)."""
+    spec, rows, fills = towers[tower], {}, fills or {}
     if spec["sparse"]:
         rows[f"{tower}_sparse"] = np.zeros((1, len(spec["sparse"])), np.int32)
     for m in spec["multi"]:
         rows[f"{tower}_{m['name']}"] = np.zeros((1, m["max_len"]), np.int32)
         rows[f"{tower}_{m['name']}_mask"] = np.zeros((1, m["max_len"]), np.float32)
     if spec["dense"]:
-        rows[f"{tower}_dense"] = np.full((1, len(spec["dense"])), prior, np.float32)
+        rows[f"{tower}_dense"] = np.array([[fills.get(name, prior) for name in spec["dense"]]], np.float32)
     return rows
 
 

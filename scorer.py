@@ -286,7 +286,7 @@ class Scorer:
         if row >= 0:
             inputs = {k: self.users[k][row:row + 1].copy() for k in m["user_inputs"]}
         else:
-            inputs = unknown_inputs(m["towers"], "user", self.prior)
+            inputs = unknown_inputs(m["towers"], "user", self.prior, m.get("dense_fills"))
         specs = m["towers"]["user"]["sparse"]
         fields = [f["name"] for f in specs]
         for name, value in (features or {}).items():

@@ -453,3 +453,18 @@ def test_real_ml1m_row_counts(tmp_path):
     assert abs(meta["positive_rate"]["train"] - 575_281 / 739_012) < 0.005
     meta, a, _ = gd.build(part, cfg_for(tmp_path, "x", protocol="temporal"))
     assert a["train"]["timestamp"].max() <= a["test"]["timestamp"].min()
+
+
+def test_unknown_inputs_use_numeric_fills_and_the_prior():
+    """A user or item without a row: ids 0, no multi-valued ids, a numeric feature its training fill, a
+    mean-label feature the prior."""
+    towers = {"item": {"sparse": [{"name": "item_id", "vocab_size": 9}],
+                       "multi": [{"name": "categories", "vocab_size": 5, "max_len": 3}],
+                       "dense": ["price", "item_mean_rating"]}}
+    meta = {"fields": [{"name": "price", "kind": "numeric", "fill": 3.1}, {"name": "item_id", "kind": "categorical"}]}
+    assert gd.dense_fills(meta) == {"price": 3.1}
+    rows = gd.unknown_inputs(towers, "item", 0.4, gd.dense_fills(meta))
+    assert rows["item_sparse"].tolist() == [[0]] and rows["item_categories"].tolist() == [[0, 0, 0]]
+    assert rows["item_categories_mask"].sum() == 0
+    np.testing.assert_allclose(rows["item_dense"], [[3.1, 0.4]], rtol=1e-6)
+    assert list(rows) == gd.tower_inputs(towers, "item")
