@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 # util first: it makes Ctrl-C during the imports below one line, not a traceback
-from util import Interrupted, UserError, run_cli, say, signals_mode, stop_requested, write_json
+from util import Interrupted, UserError, rss_anon_mb, run_cli, say, signals_mode, stop_requested, write_json
 
 import numpy as np
 from tqdm import tqdm
@@ -238,6 +238,7 @@ class Trainer:
                             f"gradients); {self.kept_note()}")
         train_seconds = time.perf_counter() - started
         record = {"epoch": epoch + 1, "step": state["step"], "train_loss": float(np.mean(losses)),
+                  "rss_anon_mb": rss_anon_mb(),
                   "train_seconds": round(train_seconds, 2), "params_md5": params_md5(model),
                   "samples_per_second": round(len(losses) * cfg.batch_size * world.size / train_seconds, 1)}
         val = evaluate(model, self.val_arrays, self.names, cfg.eval_batch_size)  # the same on every rank
@@ -299,6 +300,8 @@ class Trainer:
             "samples_per_second": float(np.median([h["samples_per_second"] for h in history])),
             "world_size": self.world.size,
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            # anonymous RSS (without memory-mapped split pages) at each epoch end and after the test: the max
+            "rss_anon_mb": max([h["rss_anon_mb"] for h in history if h.get("rss_anon_mb")] + [rss_anon_mb() or 0]),
         }
         write_json(self.run_dir / "metrics.json", metrics)
         say(f"test ({'generated sample, SYNTHETIC' if meta['synthetic'] else meta['dataset']}, {meta['protocol']}"

@@ -135,6 +135,17 @@ def median_ms(fn, repeats):
     return statistics.median(times) * 1000
 
 
+def rss_anon_mb():
+    """This process's anonymous resident memory in MB (Linux /proc; None elsewhere): RSS without the pages of
+    memory-mapped files, which the kernel can drop, so it shows what the process itself holds."""
+    try:
+        with open("/proc/self/status") as f:
+            line = next(x for x in f if x.startswith("RssAnon:"))
+    except (OSError, StopIteration):
+        return None
+    return round(int(line.split()[1]) / 1024)
+
+
 def md5_bytes(data):
     return hashlib.md5(data).hexdigest()
 

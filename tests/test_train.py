@@ -57,6 +57,10 @@ def test_run_directory_contents(trained):
     on_disk = json.loads((run / "metrics.json").read_text())
     assert on_disk["test"]["auc"] == pytest.approx(metrics["test"]["auc"])
     assert {"auc", "logloss", "gauc", "rows", "positive_rate"} <= set(on_disk["test"])
+    # memory: peak RSS, and anonymous RSS (without memory-mapped split pages) where /proc has it
+    assert 0 < on_disk["peak_rss_mb"] and (on_disk["rss_anon_mb"] is None or 0 < on_disk["rss_anon_mb"]
+                                           <= on_disk["peak_rss_mb"])
+    assert all("rss_anon_mb" in r for r in log)
 
 
 def test_whole_split_auc_not_batch_mean(trained):
