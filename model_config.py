@@ -111,6 +111,9 @@ class Config:
     head_dim: int = _opt(64, "FE-Block dimensions per head", "model")
     dropout: float = _opt(0.1, "dropout probability after every MLP layer", "model")
     batch_norm: bool = _opt(True, "BatchNorm after every Dense layer of the MLPs", "model")
+    linear_output: bool = _opt(False, "the towers' last layer (the vector that is dotted or projected into heads) "
+                                      "without ReLU and Dropout (false: every layer Dense-BN-ReLU-Dropout, as "
+                                      "the published code)", "model")
     cir_weight: float = _opt(0.1, "weight of the contrastive CIR loss (0: off)", "model")
     cir_tau: float = _opt(0.2, "temperature of the CIR loss", "model")
     cir_anchors: int = _opt(512, "CIR: the first N rows of a batch are anchors against all its items (0: all rows)",

@@ -87,16 +87,18 @@ class BatchNorm(nn.Cell):
 
 class MLP(nn.Cell):
     """Dense -> BatchNorm -> ReLU -> Dropout per layer: (B, in) -> tuple of every layer's output
-    (B, hidden[l]); the FE-Block reads all of them, other models the last."""
+    (B, hidden[l]); the FE-Block reads all of them, other models the last. `linear_last`: the last layer
+    is Dense -> BatchNorm only, a linear output a dot product or CIR can use with either sign."""
 
-    def __init__(self, in_dim, hidden, dropout=0.0, batch_norm=True):
+    def __init__(self, in_dim, hidden, dropout=0.0, batch_norm=True, linear_last=False):
         super().__init__()
         layers = []
-        for size in hidden:
+        for k, size in enumerate(hidden):
+            hidden_layer = not (linear_last and k == len(hidden) - 1)
             block = [nn.Dense(in_dim, size, has_bias=not batch_norm)]  # BatchNorm's beta is the bias
             block += [BatchNorm(size)] if batch_norm else []
-            block += [nn.ReLU()]
-            block += [nn.Dropout(p=dropout)] if dropout > 0 else []
+            block += [nn.ReLU()] if hidden_layer else []
+            block += [nn.Dropout(p=dropout)] if dropout > 0 and hidden_layer else []
             layers.append(nn.SequentialCell(block))
             in_dim = size
         self.layers = nn.CellList(layers)

@@ -309,6 +309,22 @@ def test_model_cir_takes_its_anchors_from_the_first_rows():
     np.testing.assert_allclose(got, first, rtol=1e-5)
 
 
+def test_linear_output_towers_end_without_relu_and_dropout():
+    """--linear_output: the towers' last layer is Dense -> BatchNorm (either sign); the others keep ReLU and
+    Dropout; the default keeps today's non-negative outputs."""
+    b = batch(8)
+    relu = M.build_model(META, SMALL.replace(model="two_tower", dropout=0.1))
+    linear = M.build_model(META, SMALL.replace(model="two_tower", dropout=0.1, linear_output=True))
+    for net in (relu, linear):
+        net.set_train(False)
+    (u0, v0), (u1, v1) = relu.forward(*inputs(b))[1], linear.forward(*inputs(b))[1]
+    assert (u0.asnumpy() >= 0).all() and (v0.asnumpy() >= 0).all()
+    assert (u1.asnumpy() < 0).any() and (v1.asnumpy() < 0).any()
+    kinds = [[type(c).__name__ for c in layer.cell_list] for layer in linear.user_tower.mlp.layers]
+    assert "ReLU" in kinds[0] and "Dropout" in kinds[0]
+    assert "ReLU" not in kinds[-1] and "Dropout" not in kinds[-1] and "BatchNorm" in kinds[-1]
+
+
 def test_two_tower_is_inttower_without_additions():
     net = M.build_model(META, SMALL.replace(model="two_tower"))
     assert net.interaction == "dot" and net.user_tower.attention is None and not net.has_aux
