@@ -62,3 +62,17 @@ def tiny_cfg(tmp_path):
                   synthetic_users=400, synthetic_items=150, synthetic_ratings=40,
                   mlp=(32, 16), heads=2, head_dim=8, embed_dim=8, batch_size=256, eval_batch_size=1024,
                   epochs=2, dropout=0.0)
+
+
+def train_and_export(tmp, epochs, export_dir=None):
+    """A small IntTower trained on a generated sample under `tmp` and exported (to RUN/export, or
+    export_dir): the serving tests' model. Returns its config."""
+    import train
+    from export import export_run
+    cfg = Config(dataset="synthetic", data_dir=str(tmp / "data"), run_dir=str(tmp / "run"), synthetic_users=300,
+                 synthetic_items=120, synthetic_ratings=30, mlp=(32, 16), heads=2, head_dim=8, embed_dim=8,
+                 batch_size=256, epochs=epochs, dropout=0.0, lr=0.005)
+    train.train(cfg)
+    overrides = {"run_dir"} | ({"output_dir"} if export_dir else set())
+    export_run(Config(run_dir=cfg.run_dir, output_dir=str(export_dir or "runs")), overrides)
+    return cfg

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-import train
+from conftest import train_and_export
 from export import export_run
 from model_config import Config
 from serve import load_phase, serve
@@ -17,12 +17,8 @@ pytestmark = pytest.mark.e2e  # the fixture trains and exports a model
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
-    cfg = Config(dataset="synthetic", data_dir=str(tmp / "data"), run_dir=str(tmp / "run"), synthetic_users=300,
-                 synthetic_items=120, synthetic_ratings=30, mlp=(32, 16), heads=2, head_dim=8, embed_dim=8,
-                 batch_size=256, epochs=1, dropout=0.0, lr=0.005)
-    train.train(cfg)
     export = tmp / "served"
-    export_run(Config(run_dir=cfg.run_dir, output_dir=str(export)), {"run_dir", "output_dir"})
+    cfg = train_and_export(tmp, epochs=1, export_dir=export)
     started = threading.Event()
     box = {}
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import train
-from conftest import ROOT
+from conftest import ROOT, train_and_export
 from export import export_run
 from scorer import CompressedIndex, IVFRetriever, Scorer, best_first, maxsim, maxsim_batch
 from model_config import Config
@@ -20,12 +20,7 @@ e2e = pytest.mark.e2e  # tests of the `run` fixture: it trains and exports a mod
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serving")
-    cfg = Config(dataset="synthetic", data_dir=str(tmp / "data"), run_dir=str(tmp / "run"), synthetic_users=300,
-                 synthetic_items=120, synthetic_ratings=30, mlp=(32, 16), heads=2, head_dim=8, embed_dim=8,
-                 batch_size=256, epochs=2, dropout=0.0, lr=0.005)
-    train.train(cfg)
-    export_run(Config(run_dir=cfg.run_dir), {"run_dir"})
-    return cfg, tmp / "run"
+    return train_and_export(tmp, epochs=2), tmp / "run"
 
 
 def model_and_data(cfg, run):
