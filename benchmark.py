@@ -1,6 +1,7 @@
 """Speed measurements behind docs/performance.md (medians of several repeats).
 
-    python benchmark.py train [--key value ...]   # our train step vs the published loop, same model & data
+    python benchmark.py train [--peer torch] [--key value ...]   # our train step vs the published loop
+                                                  # (and eager PyTorch), same model & data
     python benchmark.py data  [--key value ...]   # preprocessing time; npz vs MindRecord loading
     python benchmark.py serve --run_dir RUN [--last_layer_run RUN2]   # serving figures (docs/serving.md)
     python benchmark.py profile [--key value ...] # MindSpore profiler: time per operator type of a train step
@@ -24,8 +25,8 @@ from util import ROOT, UserError, median_ms, run_cli, say
 
 import numpy as np
 
-from get_dataset import load_dataset, tower_inputs
-from model_config import parse_args
+from get_dataset import id_field, load_dataset, tower_inputs
+from model_config import MODELS, parse_args
 from runtime import batches, epoch_order, init_mindspore, train_step, trained_run
 
 
@@ -150,40 +151,178 @@ class PublishedLoop:
         ms.set_context(mode=ms.GRAPH_MODE)
 
 
-def bench_train(cfg, repeats, steps):
+def bench_train(cfg, repeats, steps, peer=None):
     """Median seconds per step of (a) train.py's compiled step (TrainOneStepCell) fed whole numpy batches,
-    (c) the same with a functional value_and_grad + optimizer under ms.jit, and (b) the published loop
-    (PublishedLoop). Same model, same data, alternating repeats in one process."""
+    (c) the same with a functional value_and_grad + optimizer under ms.jit, (b) the published loop
+    (PublishedLoop) and, with peer="torch", (d) the same model in eager PyTorch (torch_peer) on the same
+    batches. Same model, same data, alternating repeats in one process."""
     from model import build_model
     init_mindspore(cfg)
     data = load_dataset(cfg)
     arrays, meta = data.arrays("train"), data.meta
     model, fn_model = build_model(meta, cfg), build_model(meta, cfg)
-    ours = compiled_loop(train_step(model, cfg), model, endless_batches(arrays, meta["inputs"], cfg))
-    functional = compiled_loop(functional_step(fn_model, cfg), fn_model, endless_batches(arrays, meta["inputs"], cfg))
+    loops = {"ours": compiled_loop(train_step(model, cfg), model, endless_batches(arrays, meta["inputs"], cfg)),
+             "value_and_grad_jit": compiled_loop(functional_step(fn_model, cfg), fn_model,
+                                                 endless_batches(arrays, meta["inputs"], cfg))}
+    if peer == "torch":
+        loops["torch"] = eager_loop(torch_peer(meta, cfg), numpy_batches(arrays, meta["inputs"], cfg))
     published = PublishedLoop(meta, arrays, cfg)
     say("warming up (compilation, first batches)")
-    ours(3)
-    functional(3)
+    for run in loops.values():
+        run(3)
     published.start()
     published(2)
-    ours_s, fn_s, pub_s = [], [], []
+    times = {name: [] for name in list(loops) + ["published"]}
     for r in range(repeats):
-        ours_s.append(timed(ours, steps))
-        fn_s.append(timed(functional, steps))
+        for name, run in loops.items():
+            times[name].append(timed(run, steps))
         published.start()
-        pub_s.append(timed(published, max(5, steps // 5)))
-        say(f"repeat {r + 1}/{repeats}: TrainOneStepCell {ours_s[-1] * 1000:.0f} ms/step, value_and_grad+jit "
-            f"{fn_s[-1] * 1000:.0f} ms/step, published loop {pub_s[-1] * 1000:.0f} ms/step")
-    bs, ours_med, pub_med = cfg.batch_size, statistics.median(ours_s), statistics.median(pub_s)
-    ratios = [p / o for p, o in zip(pub_s, ours_s)]
-    return {"what": "train", "data": f"{meta['dataset']}/{meta['protocol']} ({published.n:,} training rows)",
-            "model": cfg.model, "batch_size": bs, "repeats": repeats, "steps_per_repeat": steps,
-            "ours_ms_per_step": round(ours_med * 1000, 1), "ours_samples_per_s": round(bs / ours_med),
-            "value_and_grad_jit_ms_per_step": round(statistics.median(fn_s) * 1000, 1),
-            "published_ms_per_step": round(pub_med * 1000, 1), "published_samples_per_s": round(bs / pub_med),
-            "speedup_median": round(statistics.median(ratios), 1), "speedups": [round(x, 1) for x in ratios],
-            "machine": machine()}
+        times["published"].append(timed(published, max(5, steps // 5)))
+        say(f"repeat {r + 1}/{repeats}: " + ", ".join(f"{name} {t[-1] * 1000:.0f} ms/step" for name, t in times.items()))
+    bs, ours_med, pub_med = cfg.batch_size, statistics.median(times["ours"]), statistics.median(times["published"])
+    ratios = [p / o for p, o in zip(times["published"], times["ours"])]
+    result = {"what": "train", "data": f"{meta['dataset']}/{meta['protocol']} ({published.n:,} training rows)",
+              "model": cfg.model, "batch_size": bs, "repeats": repeats, "steps_per_repeat": steps,
+              "ours_ms_per_step": round(ours_med * 1000, 1), "ours_samples_per_s": round(bs / ours_med),
+              "value_and_grad_jit_ms_per_step": round(statistics.median(times["value_and_grad_jit"]) * 1000, 1),
+              "published_ms_per_step": round(pub_med * 1000, 1), "published_samples_per_s": round(bs / pub_med),
+              "speedup_median": round(statistics.median(ratios), 1), "speedups": [round(x, 1) for x in ratios]}
+    if peer == "torch":
+        import torch
+        peer_ratios = [t / o for t, o in zip(times["torch"], times["ours"])]  # > 1: ours is faster
+        result.update({"torch_ms_per_step": round(statistics.median(times["torch"]) * 1000, 1),
+                       "torch_samples_per_s": round(bs / statistics.median(times["torch"])),
+                       "ratio_vs_torch_median": round(statistics.median(peer_ratios), 3),
+                       "ratios_vs_torch": [round(x, 3) for x in peer_ratios],
+                       "torch": torch.__version__, "torch_threads": torch.get_num_threads()})
+    result["machine"] = machine()
+    return result
+
+# ---------------------------------------------------------------- the PyTorch peer (train --peer torch)
+
+def torch_peer(meta, cfg):
+    """The same IntTower-family model in eager PyTorch (an optional dependency of this benchmark only):
+    the same fields (a multi-valued field is the masked mean of its ids), Light-SE, MLP with BatchNorm,
+    ReLU and Dropout (no bias before BatchNorm, `linear_output` honoured), FE-Block MaxSim (mean over the
+    user heads) or the dot product, CIR on the first `cir_anchors` rows, BCE, Adam. Returns
+    step(*numpy_batch) -> loss (a float)."""
+    import os
+    cfg = cfg.for_model()
+    if MODELS[cfg.model].cls != "IntTower" or cfg.se not in ("lightse", "none") or cfg.interaction == "fc":
+        raise UserError(f"--peer torch builds IntTower and two_tower (Light-SE or none, FE-Block or dot), "
+                        f"not {cfg.model} with se={cfg.se}, interaction={cfg.interaction}")
+    try:
+        import torch
+    except ImportError:
+        raise UserError("--peer torch needs PyTorch, an optional dependency of this benchmark only: "
+                        "pip install torch==2.13.0 (docs/performance.md)") from None
+    from torch import nn as tnn
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(os.cpu_count())
+
+    class Tower(tnn.Module):
+        def __init__(self, spec):
+            super().__init__()
+            dim = cfg.embed_dim
+            self.sparse = tnn.ModuleList(tnn.Embedding(f["vocab_size"], dim) for f in spec["sparse"])
+            self.multi = tnn.ModuleList(tnn.Embedding(f["vocab_size"], dim) for f in spec["multi"])
+            fields = len(spec["sparse"]) + len(spec["multi"])
+            self.se = tnn.Linear(fields, fields) if cfg.se == "lightse" else None
+            self.n_dense, width, layers = len(spec["dense"]), fields * dim + len(spec["dense"]), []
+            for k, size in enumerate(cfg.mlp):
+                hidden = not (cfg.linear_output and k == len(cfg.mlp) - 1)
+                block = [tnn.Linear(width, size, bias=not cfg.batch_norm)]
+                block += [tnn.BatchNorm1d(size, momentum=0.1)] if cfg.batch_norm else []
+                block += [tnn.ReLU(), tnn.Dropout(cfg.dropout)] if hidden else []
+                layers.append(tnn.Sequential(*block))
+                width = size
+            self.mlp = tnn.ModuleList(layers)
+            self.widths = (fields * dim + self.n_dense,) + tuple(cfg.mlp)
+
+        def forward(self, inputs):
+            fields = [table(inputs[0][:, k]) for k, table in enumerate(self.sparse)] if len(self.sparse) else []
+            first = int(len(self.sparse) > 0)
+            for k, table in enumerate(self.multi):
+                ids, mask = inputs[first + 2 * k], inputs[first + 2 * k + 1]
+                fields.append((table(ids) * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1.0))
+            e = torch.stack(fields, 1)
+            if self.se is not None:
+                e = e + e * torch.softmax(self.se(e.mean(-1)), -1).unsqueeze(-1)
+            x = e.flatten(1)
+            x = torch.cat((x, inputs[-1]), 1) if self.n_dense else x
+            outputs = [x]
+            for layer in self.mlp:
+                outputs.append(layer(outputs[-1]))
+            return outputs
+
+    n_user = sum(name.startswith("user_") for name in meta["inputs"])
+    user_layers = {"outputs": range(1, len(cfg.mlp) + 1), "inputs": range(len(cfg.mlp)),
+                   "all": range(len(cfg.mlp) + 1)}[cfg.fe_layers]
+    user_layers = tuple(user_layers)[-1:] if cfg.last_layer_only else tuple(user_layers)
+    heads, p, item_id = cfg.heads, cfg.head_dim, id_field(meta["towers"], "item")
+
+    class Peer(tnn.Module):
+        def __init__(self):
+            super().__init__()
+            self.user, self.item = Tower(meta["towers"]["user"]), Tower(meta["towers"]["item"])
+            if cfg.interaction == "fe":
+                self.user_proj = tnn.ModuleList(tnn.Linear(self.user.widths[i], heads * p) for i in user_layers)
+                self.item_proj = tnn.Linear(cfg.mlp[-1], heads * p)
+            self.bias = tnn.Parameter(torch.zeros(()))
+
+        def forward(self, inputs, labels):
+            user, item = self.user(inputs[:n_user]), self.item(inputs[n_user:])
+            if cfg.interaction == "fe":
+                u = torch.cat([proj(user[i]).view(-1, heads, p) for proj, i in zip(self.user_proj, user_layers)], 1)
+                u = u * (1.0 / u.shape[1]) if cfg.fe_mean else u
+                v = self.item_proj(item[-1]).view(-1, heads, p)
+                logits = torch.bmm(u, v.transpose(1, 2)).amax(-1).sum(-1) + self.bias
+            else:
+                logits = (user[-1] * item[-1]).sum(-1) + self.bias
+            loss = tnn.functional.binary_cross_entropy_with_logits(logits, labels)
+            if cfg.cir_weight > 0:
+                k = cfg.cir_anchors or len(labels)
+                un = tnn.functional.normalize(user[-1][:k], dim=-1) / cfg.cir_tau
+                vn = tnn.functional.normalize(item[-1], dim=-1)
+                logits = un @ vn.T
+                if cfg.cir_mask_same_item:  # the anchor's own item on other rows is not a negative
+                    ids = inputs[n_user][:, item_id]
+                    logits = logits.masked_fill((ids[:k, None] == ids[None, :]) & ~torch.eye(k, len(ids), dtype=bool), -1e9)
+                nll = torch.logsumexp(logits, 1) - (un * vn[:k]).sum(-1)
+                loss = loss + cfg.cir_weight * (nll * labels[:k]).sum() / labels[:k].sum().clamp(min=1.0)
+            return loss
+
+    model = Peer()
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model.train()
+
+    def step(*batch):
+        inputs = [torch.from_numpy(a).long() if a.dtype.kind == "i" else torch.from_numpy(a) for a in batch[:-1]]
+        optimizer.zero_grad(set_to_none=True)
+        loss = model(inputs, torch.from_numpy(batch[-1]))
+        loss.backward()
+        optimizer.step()
+        return loss
+    return step
+
+
+def numpy_batches(arrays, names, cfg):
+    """The batches of endless_batches as numpy arrays (the same rows in the same order)."""
+    n, epoch, bs = len(arrays["label"]), 0, cfg.batch_size
+    while True:
+        order = epoch_order(cfg.seed, epoch, n)
+        for start in range(0, n - n % bs, bs):
+            idx = order[start:start + bs]
+            yield tuple(arrays[name][idx] for name in names + ["label"])
+        epoch += 1
+
+
+def eager_loop(step, feed):
+    def run(k):
+        for _ in range(k):
+            loss = step(*next(feed))
+        float(loss)
+    return run
 
 
 def bench_data(cfg, repeats):
@@ -516,6 +655,8 @@ def main():
     own.add_argument("--repeats", type=int, default=5)
     own.add_argument("--steps", type=int, default=30)
     own.add_argument("--last_layer_run", default=None, help="serve: a run trained with --last_layer_only true")
+    own.add_argument("--peer", choices=["torch"], default=None,
+                     help="train: also time the same model in eager PyTorch (optional dependency)")
     args, rest = own.parse_known_args()
     cfg, _ = parse_args(rest, prog=f"benchmark.py {args.what}", description=__doc__.split("\n\n")[0])
     with contextlib.redirect_stdout(sys.stderr):  # progress lines to stderr: stdout is the JSON result alone
@@ -523,7 +664,7 @@ def main():
             result = bench_serve(cfg, args.repeats)
             result["serving"] = bench_serving(cfg, args.repeats, args.last_layer_run)
         else:
-            result = {"train": lambda: bench_train(cfg, args.repeats, args.steps),
+            result = {"train": lambda: bench_train(cfg, args.repeats, args.steps, args.peer),
                       "data": lambda: bench_data(cfg, args.repeats),
                       "profile": lambda: bench_profile(cfg, args.steps)}[args.what]()
     print(json.dumps(result, indent=1))

@@ -20,6 +20,17 @@ def test_bench_train_times_the_three_loops(tiny_cfg):
     assert low - 0.05 <= result["speedup_median"] <= high + 0.05
 
 
+def test_torch_peer_refuses_what_it_does_not_build_and_a_missing_torch(tiny_cfg, monkeypatch):
+    """--peer torch: PyTorch is optional (never in requirements.txt); without it, one clear line."""
+    from get_dataset import load_dataset
+    meta = load_dataset(tiny_cfg, quiet=True).meta
+    with pytest.raises(UserError, match="builds IntTower and two_tower"):
+        benchmark.torch_peer(meta, tiny_cfg.replace(model="cold"))
+    monkeypatch.setitem(__import__("sys").modules, "torch", None)  # what `import torch` sees when it is absent
+    with pytest.raises(UserError, match="pip install torch"):
+        benchmark.torch_peer(meta, tiny_cfg)
+
+
 def test_bench_data_reads_the_same_rows_both_ways(tiny_cfg):
     result = benchmark.bench_data(tiny_cfg, repeats=1)
     assert result["ratings"] > result["train_rows"] > 0
