@@ -122,8 +122,11 @@ class IntTower(RecModel):
         self.bias = ms.Parameter(ms.Tensor(0.0, ms.float32), name="bias")
         self.cir_weight = float(cfg.cir_weight)
         self.has_aux = self.cir_weight > 0
-        self.cir = CIRLoss(cfg.cir_tau)
+        self.cir = CIRLoss(cfg.cir_tau, cfg.cir_mask_same_item)
         self.cir_anchors = cfg.cir_anchors
+        if cfg.cir_mask_same_item and not meta["towers"]["item"]["sparse"]:
+            raise UserError("--cir_mask_same_item needs an item id field (a categorical field of the item tower)")
+        self.item_id = id_field(meta["towers"], "item") if cfg.cir_mask_same_item else None
 
     def _user(self, inputs):
         layers = self.user_tower(*inputs)
@@ -142,7 +145,7 @@ class IntTower(RecModel):
         return self._item(item_inputs)[0]
 
     def score(self, user, item):
-        """Logits (B,) of user and item representations (for fe/dot, user may be one row)."""
+        """Logits (B,) of B user and B item representations (pairs)."""
         if self.interaction == "fe":
             return self.fe(user, item) + self.bias
         if self.interaction == "dot":
@@ -152,18 +155,20 @@ class IntTower(RecModel):
     def forward(self, *inputs):
         user, user_last = self._user(inputs[:self.n_user_inputs])
         item, item_last = self._item(inputs[self.n_user_inputs:])
-        return self.score(user, item), (user_last, item_last)
+        item_ids = inputs[self.n_user_inputs][:, self.item_id] if self.item_id is not None else None
+        return self.score(user, item), (user_last, item_last, item_ids)
 
     def construct(self, *inputs):
         return self.forward(*inputs)[0]
 
     def aux_loss(self, extras, labels):
         """CIR between the towers' last layers (the representations every interaction reads), with the
-        first `cir_anchors` rows of the batch as anchors (0: all rows) against all of its items."""
-        user, item = extras
+        first `cir_anchors` rows of the batch as anchors (0: all rows) against all of its items (whose
+        ids tell CIR which negatives are the anchor's own item: --cir_mask_same_item)."""
+        user, item, item_ids = extras
         if self.cir_anchors:
-            return self.cir_weight * self.cir(user[:self.cir_anchors], item, labels[:self.cir_anchors])
-        return self.cir_weight * self.cir(user, item, labels)
+            return self.cir_weight * self.cir(user[:self.cir_anchors], item, labels[:self.cir_anchors], item_ids)
+        return self.cir_weight * self.cir(user, item, labels, item_ids)
 
 
 class DAT(RecModel):

@@ -118,6 +118,8 @@ class Config:
     cir_tau: float = _opt(0.2, "temperature of the CIR loss", "model")
     cir_anchors: int = _opt(512, "CIR: the first N rows of a batch are anchors against all its items (0: all rows)",
                             "model")
+    cir_mask_same_item: bool = _opt(False, "CIR: leave out of an anchor's softmax the in-batch rows of its own item "
+                                           "(false: they count as negatives, as in the published code)", "model")
     dat_weight: float = _opt(0.5, "DAT: weight of the adaptive-mimic loss", "model")
     cross_layers: int = _opt(3, "DCN: number of cross layers", "model")
     attention_layers: int = _opt(3, "AutoInt: number of self-attention layers", "model")

@@ -27,7 +27,7 @@ class LightSE(nn.Cell):
         return ops.softmax(self.excitation(field_means(embeddings)), axis=-1)
 
     def construct(self, embeddings):
-        return embeddings + embeddings * self.weights(embeddings).expand_dims(-1)
+        return embeddings * (1.0 + self.weights(embeddings).expand_dims(-1))  # e + e * a, one op fewer
 
 
 class SENET(nn.Cell):
@@ -57,7 +57,7 @@ class BatchNorm(nn.Cell):
     """BatchNorm over the batch axis of (B, C), statistics in one pass: E[x], E[x^2].
 
     Same result as nn.BatchNorm1d (moving statistics with `momentum`, unbiased moving variance),
-    about 3x cheaper forward + backward on CPU here, where the fused kernel is slow (docs/design.md,
+    several times cheaper forward + backward on CPU here, where the fused kernel is slow (docs/design.md,
     "Training step"). Inference uses the moving statistics."""
 
     def __init__(self, channels, momentum=0.9, eps=1e-5):
@@ -72,17 +72,23 @@ class BatchNorm(nn.Cell):
     def construct(self, x):
         if self.training:
             n = x.shape[0]
-            mean = x.sum(0) * (1.0 / n)  # ReduceSum: several times faster than ReduceMean on CPU here
-            var = ops.maximum((x * x).sum(0) * (1.0 / n) - mean * mean, 0.0)
+            # The batch sums as (1, B) @ (B, C) products and the per-column scale and shift repeated to (B, C):
+            # on CPU here an element-wise op with a broadcast operand is ~4x slower than on equal shapes, and
+            # the gradient of a batch sum is such an op (docs/performance.md, "Training step profile").
+            ones = ops.ones((1, n), x.dtype)
+            mean = ops.matmul(ones, x).reshape((-1,)) * (1.0 / n)
+            var = ops.maximum(ops.matmul(ones, x * x).reshape((-1,)) * (1.0 / n) - mean * mean, 0.0)
             ops.assign(self.moving_mean, self.momentum * self.moving_mean
                        + (1 - self.momentum) * ops.stop_gradient(mean))
             ops.assign(self.moving_variance, self.momentum * self.moving_variance
                        + (1 - self.momentum) * ops.stop_gradient(var) * (n / max(n - 1, 1)))
             scale = self.gamma * ops.rsqrt(var + self.eps)
-        else:  # sqrt and division: ops MindSpore's ONNX exporter knows (it lacks Rsqrt)
-            mean = self.moving_mean
-            scale = self.gamma / ops.sqrt(self.moving_variance + self.eps)
-        return x * scale + (self.beta - mean * scale)
+            shift = self.beta - mean * scale
+            return x * ops.broadcast_to(scale, x.shape) + ops.broadcast_to(shift, x.shape)
+        # inference: sqrt and division, ops MindSpore's ONNX exporter knows (it lacks Rsqrt); broadcasting
+        # operands, as the batch size of an exported graph is dynamic
+        scale = self.gamma / ops.sqrt(self.moving_variance + self.eps)
+        return x * scale + (self.beta - self.moving_mean * scale)
 
 
 class MLP(nn.Cell):
@@ -124,7 +130,7 @@ class FEBlock(nn.Cell):
     user heads: the same family of scores (max is positively homogeneous), but the initial logits
     no longer grow with L*H (docs/design.md, "FE-Block: a mean over the user heads").
     A user's heads are computed once per user and an item's once per item, so items can be
-    indexed offline; `score` also takes one user (1, L, H, p) against N items (N, H, p)."""
+    indexed offline (scorer.py scores one user against an index of N items)."""
 
     def __init__(self, user_dims, item_dim, heads=4, head_dim=64, user_layers=None, mean=False):
         super().__init__()
@@ -133,6 +139,8 @@ class FEBlock(nn.Cell):
         self.user_proj = nn.CellList([nn.Dense(user_dims[i], heads * head_dim) for i in self.user_layers])
         self.item_proj = nn.Dense(item_dim, heads * head_dim)
         self.user_scale = 1.0 / (len(self.user_layers) * heads) if mean else 1.0
+        self.dot_t = ops.BatchMatMul(transpose_b=True)  # no Transpose op forward or backward
+        self.matmul_t = ops.MatMul(transpose_b=True)
 
     def keep_last_layer_only(self):
         """Drop every user projection but the last (the accelerated serving variant); the scale stays."""
@@ -140,19 +148,24 @@ class FEBlock(nn.Cell):
         self.user_layers = self.user_layers[-1:]
 
     def user_heads(self, user_layers):
+        """(B, L, H, p), times user_scale: the scale is applied to each projection's weight and bias (a few
+        thousand products) rather than to its output (B x L*H*p products, forward and backward)."""
         heads = ()
         for k, i in enumerate(self.user_layers):
-            heads += (self.user_proj[k](user_layers[i]).reshape((-1, 1, self.heads, self.head_dim)),)
-        heads = ops.concat(heads, 1) if len(heads) > 1 else heads[0]
-        return heads * self.user_scale if self.user_scale != 1.0 else heads
+            proj = self.user_proj[k]
+            weight, bias = (proj.weight * self.user_scale, proj.bias * self.user_scale) if self.user_scale != 1.0 \
+                else (proj.weight, proj.bias)
+            head = ops.bias_add(self.matmul_t(user_layers[i], weight), bias)
+            heads += (head.reshape((-1, 1, self.heads, self.head_dim)),)
+        return ops.concat(heads, 1) if len(heads) > 1 else heads[0]
 
     def item_heads(self, item_last):
         return self.item_proj(item_last).reshape((-1, self.heads, self.head_dim))
 
     def construct(self, user, item):
-        """MaxSim score of (B or 1, L, H, p) users and (B, H, p) items -> (B,)."""
+        """MaxSim score of (B, L, H, p) users and their (B, H, p) items -> (B,)."""
         n_user_heads = len(self.user_layers) * self.heads
-        dots = ops.matmul(user.reshape((-1, n_user_heads, self.head_dim)), item.transpose(0, 2, 1))
+        dots = self.dot_t(user.reshape((-1, n_user_heads, self.head_dim)), item)
         return dots.max(axis=-1).sum(-1)
 
 
@@ -162,20 +175,26 @@ class CIRLoss(nn.Cell):
     For every clicked row i (label 1): -log softmax_j(cos(u_i, v_j) / tau)[i], where j runs over the
     items of the batch (row i's item is the positive, the others are the negatives); averaged over
     the clicked rows, exactly 0 without any. `user` may hold only the first K rows (anchors) of the
-    batch: (K, d) against (B, d) items. Log-sum-exp with the max subtracted (stable); the norm is
-    written out because ops.L2Normalize's gradient is very slow on CPU."""
+    batch: (K, d) against (B, d) items. With `mask_same_item`, a row j != i whose item id equals row i's
+    is left out of row i's softmax: it is the anchor's own item, not a negative (on MovieLens most clicked
+    anchors have their item elsewhere in a 2,048-row batch). Log-sum-exp with the max subtracted (stable);
+    the norm is written out because ops.L2Normalize's gradient is very slow on CPU."""
 
-    def __init__(self, tau=0.2, eps=1e-12):
+    def __init__(self, tau=0.2, mask_same_item=False, eps=1e-12):
         super().__init__()
-        self.tau, self.eps = tau, eps
+        self.tau, self.mask_same_item, self.eps = tau, mask_same_item, eps
         self.matmul_t = ops.MatMul(transpose_b=True)
 
     def _normalize(self, x):
         return x * ops.rsqrt((x * x).sum(-1, keepdims=True) + self.eps)
 
-    def construct(self, user, item, labels):
+    def construct(self, user, item, labels, item_ids=None):
         u, v = self._normalize(user) * (1.0 / self.tau), self._normalize(item)
         logits = self.matmul_t(u, v)  # (K, B) cos / tau
+        if self.mask_same_item:
+            k, n = u.shape[0], v.shape[0]
+            same = ops.equal(item_ids[:k].reshape((-1, 1)), item_ids.reshape((1, -1))).astype(logits.dtype)
+            logits = logits - (same - ops.eye(k, n, logits.dtype)) * 1e9  # exp(-1e9) = 0: out of the softmax
         top = ops.stop_gradient(logits.max(axis=1, keepdims=True))
         log_norm = ops.log(ops.exp(logits - top).sum(1)) + top.squeeze(1)
         positive = (u * v[:u.shape[0]]).sum(-1)  # user i's own item is row i

@@ -72,6 +72,24 @@ def test_batchnorm_matches_numpy_train_and_eval():
     np.testing.assert_allclose(bn(T(x)).asnumpy(), (x - mm) / np.sqrt(mv + 1e-5) * g + b, atol=1e-4)
 
 
+def test_batchnorm_gradients_match_numpy():
+    """The training path (batch sums as products, operands repeated to equal shapes) has the gradients of
+    batch normalisation: dx = g/sigma (dy - mean(dy) - xhat mean(dy xhat)), dgamma = sum(dy xhat), dbeta = sum(dy)."""
+    import mindspore as ms
+    x = RNG.normal(1.0, 2.0, size=(32, 5)).astype(np.float32)
+    dy = RNG.normal(size=(32, 5)).astype(np.float32)
+    bn = BatchNorm(5)
+    bn.gamma.set_data(T(RNG.normal(size=5).astype(np.float32)))
+    bn.set_train(True)
+    gamma = bn.gamma.asnumpy()
+    dx, (dgamma, dbeta) = ms.grad(lambda v: (bn(v) * T(dy)).sum(), 0, bn.trainable_params())(T(x))
+    xhat = (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-5)
+    ref_dx = gamma / np.sqrt(x.var(0) + 1e-5) * (dy - dy.mean(0) - xhat * (dy * xhat).mean(0))
+    np.testing.assert_allclose(dx.asnumpy(), ref_dx, atol=1e-4)
+    np.testing.assert_allclose(dgamma.asnumpy(), (dy * xhat).sum(0), atol=1e-4)
+    np.testing.assert_allclose(dbeta.asnumpy(), dy.sum(0), atol=1e-4)
+
+
 def test_mlp_returns_every_layer():
     mlp = MLP(10, (8, 6, 4), dropout=0.0, batch_norm=True)
     mlp.set_train(False)
@@ -124,17 +142,16 @@ def test_feblock_mean_divides_the_sum_by_the_user_heads():
     ms.load_param_into_net(mean, {p.name: p for p in summed.get_parameters()})
     layers = tuple(T(RNG.normal(size=(4, d)).astype(np.float32)) for d in (8, 6, 5))
     user, item = summed.user_heads(layers).asnumpy(), summed.item_heads(layers[-1]).asnumpy()
-    np.testing.assert_allclose(mean.user_heads(layers).asnumpy(), user / 9, rtol=1e-6)  # L*H = 3*3
+    np.testing.assert_allclose(mean.user_heads(layers).asnumpy(), user / 9, rtol=1e-5, atol=1e-7)  # L*H = 3*3
     np.testing.assert_allclose(mean(mean.user_heads(layers), T(item)).asnumpy(), maxsim_loops(user, item) / 9,
                                rtol=1e-4, atol=1e-5)
 
 
-def test_feblock_one_user_against_many_items():
+def test_feblock_one_user_repeated_against_many_items():
     fe = FEBlock((6, 5), 5, heads=2, head_dim=3)
-    user = RNG.normal(size=(1, 2, 2, 3)).astype(np.float32)
+    user = np.repeat(RNG.normal(size=(1, 2, 2, 3)).astype(np.float32), 7, 0)
     items = RNG.normal(size=(7, 2, 3)).astype(np.float32)
-    paired = maxsim_loops(np.repeat(user, 7, 0), items)
-    np.testing.assert_allclose(fe(T(user), T(items)).asnumpy(), paired, atol=1e-4)
+    np.testing.assert_allclose(fe(T(user), T(items)).asnumpy(), maxsim_loops(user, items), atol=1e-4)
 
 
 def test_cir_hand_computed_3x3():
@@ -159,6 +176,35 @@ def test_cir_zero_without_positives_and_finite_gradient():
     grad = ms.grad(lambda a, b: cir(a, b, T(np.ones(6, np.float32))), grad_position=(0, 1))(T(big), T(v))
     assert all(np.isfinite(g.asnumpy()).all() for g in grad)
     assert np.isfinite(cir(T(big), T(v), T(np.ones(6, np.float32))).asnumpy())
+
+
+def test_cir_masks_the_anchors_own_item_elsewhere_in_the_batch():
+    """--cir_mask_same_item: row j != i with row i's item id is left out of row i's softmax, nothing else."""
+    u = RNG.normal(size=(6, 4)).astype(np.float32)
+    v = RNG.normal(size=(6, 4)).astype(np.float32)
+    y = np.array([1, 1, 0, 1, 1, 1], np.float32)
+    ids = np.array([7, 3, 7, 5, 3, 7], np.int32)  # rows 0, 2, 5 share an item; rows 1, 4 too
+    un, vn = u / np.linalg.norm(u, axis=1, keepdims=True), v / np.linalg.norm(v, axis=1, keepdims=True)
+    logits = un[:4] @ vn.T / 0.3  # 4 anchors against all 6 items
+    keep = (ids[:4, None] != ids[None, :]) | np.eye(4, 6, dtype=bool)
+    per_row = np.log((np.exp(logits) * keep).sum(1)) - np.diag(logits[:, :4])
+    expected = (per_row * y[:4]).sum() / y[:4].sum()
+    masked = CIRLoss(0.3, mask_same_item=True)(T(u[:4]), T(v), T(y[:4]), T(ids)).asnumpy()
+    np.testing.assert_allclose(masked, expected, rtol=1e-5)
+    unmasked = CIRLoss(0.3)(T(u[:4]), T(v), T(y[:4]), T(ids)).asnumpy()
+    assert unmasked > masked + 1e-3  # the duplicates were negatives before: the test can tell the two apart
+
+
+def test_model_cir_masks_by_the_item_id_column():
+    net = M.build_model(META, SMALL.replace(cir_mask_same_item=True, cir_anchors=0))
+    net.set_train(False)
+    b = batch(8)
+    b["item_sparse"][:, 0] = [1, 2, 1, 3, 1, 4, 5, 2]
+    _, (u, v, ids) = net.forward(*inputs(b))
+    np.testing.assert_array_equal(ids.asnumpy(), b["item_sparse"][:, 0])
+    y = T(b["label"])
+    expected = SMALL.cir_weight * CIRLoss(SMALL.cir_tau, True)(u, v, y, ids).asnumpy()
+    np.testing.assert_allclose(net.aux_loss((u, v, ids), y).asnumpy(), expected, rtol=1e-6)
 
 
 # ---------------------------------------------------------------- models from meta.json
@@ -274,7 +320,7 @@ def test_cir_term_is_in_the_loss():
     without.set_train(False)
     l1 = M.LossCell(with_cir)(*inputs(b), T(b["label"])).asnumpy()
     l0 = M.LossCell(without)(*inputs(b), T(b["label"])).asnumpy()
-    logits, (u, v) = with_cir.forward(*inputs(b))  # the towers' last layers
+    logits, (u, v, _) = with_cir.forward(*inputs(b))  # the towers' last layers
     assert u.shape == v.shape == (8, SMALL.mlp[-1])
     cir = CIRLoss(SMALL.cir_tau)(u, v, T(b["label"])).asnumpy()
     np.testing.assert_allclose(l1 - l0, SMALL.cir_weight * cir, rtol=1e-4, atol=1e-6)
@@ -299,10 +345,10 @@ def test_model_cir_takes_its_anchors_from_the_first_rows():
     net.set_train(False)
     b = batch(8)
     b["label"][:] = 1.0
-    _, (u, v) = net.forward(*inputs(b))
+    _, (u, v, ids) = net.forward(*inputs(b))
     y = T(b["label"])
     cir = CIRLoss(SMALL.cir_tau)
-    got = float(net.aux_loss((u, v), y).asnumpy())
+    got = float(net.aux_loss((u, v, ids), y).asnumpy())
     first = SMALL.cir_weight * float(cir(u[:3], v, y[:3]).asnumpy())
     last = SMALL.cir_weight * float(cir(u[-3:], v, y[-3:]).asnumpy())
     assert abs(first - last) > 1e-4  # the test can tell the two apart
@@ -317,7 +363,7 @@ def test_linear_output_towers_end_without_relu_and_dropout():
     linear = M.build_model(META, SMALL.replace(model="two_tower", dropout=0.1, linear_output=True))
     for net in (relu, linear):
         net.set_train(False)
-    (u0, v0), (u1, v1) = relu.forward(*inputs(b))[1], linear.forward(*inputs(b))[1]
+    (u0, v0, _), (u1, v1, _) = relu.forward(*inputs(b))[1], linear.forward(*inputs(b))[1]
     assert (u0.asnumpy() >= 0).all() and (v0.asnumpy() >= 0).all()
     assert (u1.asnumpy() < 0).any() and (v1.asnumpy() < 0).any()
     kinds = [[type(c).__name__ for c in layer.cell_list] for layer in linear.user_tower.mlp.layers]
