@@ -140,6 +140,9 @@ class Config:
                             "the run to read)", "run")
     resume: str = _opt("", "train: continue the run in this directory from its last checkpoint", "run")
     checkpoint: str = _opt("", "eval/export: a checkpoint file (default: the run's best checkpoint)", "run")
+    ranking_ks: tuple = _opt((), "eval.py: also rank the whole catalogue for every test user (items without a training "
+                                 "row for the user) and report Recall@K and NDCG@K at these K, e.g. 10,50,200 "
+                                 "(empty: off)", "run")
 
     def validate(self):
         positive = ("embed_dim", "heads", "head_dim", "epochs", "batch_size", "eval_batch_size",
@@ -157,6 +160,8 @@ class Config:
         for key in ("lr", "cir_tau"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"--{key} must be positive, got {getattr(self, key)}")
+        if self.ranking_ks and min(self.ranking_ks) <= 0:
+            raise ValueError(f"--ranking_ks needs positive K, got {self.ranking_ks}")
         if not self.mlp or min(self.mlp) <= 0:
             raise ValueError(f"--mlp needs positive layer sizes, got {self.mlp}")
         if not 1 <= self.label_threshold <= 5:

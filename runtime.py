@@ -86,6 +86,50 @@ def evaluate(model, arrays, names, batch_size, with_gauc=False):
     return result
 
 
+def ranking_metrics(model, data, names, batch_size, ks=(10, 50, 200)):
+    """Pre-ranking's own job, offline: for every test user with a positive, score every catalogue item
+    (data's items table) that the user has no training row for, rank them, and average over users
+    Recall@K (the share of the user's test positives in the top K) and NDCG@K (binary gains). Every model
+    scores (user, item) pairs through its full graph, so decoupled and coupled models are ranked alike."""
+    from tqdm import tqdm
+    users, items, train, test = (data.arrays(name) for name in ("users", "items", "train", "test"))
+    n_items, top = len(items["key"]), max(ks)
+    item_order, user_order = np.argsort(items["key"]), np.argsort(users["key"])
+
+    def rows(order, keys, wanted):
+        return order[np.searchsorted(keys, wanted, sorter=order)]
+    positive = test["label"] > 0.5
+    pos_user, pos_item = test["user_key"][positive], rows(item_order, items["key"], test["item_key"][positive])
+    ranked_users = np.unique(pos_user)
+    seen = {}
+    for u, i in zip(train["user_key"], rows(item_order, items["key"], train["item_key"])):
+        seen.setdefault(int(u), []).append(i)
+    truth = {}
+    for u, i in zip(pos_user, pos_item):
+        truth.setdefault(int(u), set()).add(int(i))
+    discounts = 1.0 / np.log2(np.arange(2, top + 2))
+    sums = {f"{m}@{k}": 0.0 for m in ("recall", "ndcg") for k in ks}
+    chunk = max(1, 4 * batch_size // n_items)  # users scored per call: about four batches of pairs
+    for start in tqdm(range(0, len(ranked_users), chunk), desc="ranking the catalogue", unit="chunk", leave=False):
+        keys = ranked_users[start:start + chunk]
+        u_rows = np.repeat(rows(user_order, users["key"], keys), n_items)
+        i_rows = np.tile(np.arange(n_items), len(keys))
+        pairs = {k: (users[k][u_rows] if k.startswith("user_") else items[k][i_rows]) for k in names}
+        scores = predict(model, pairs, names, batch_size).reshape(len(keys), n_items)
+        for key, s in zip(keys, scores):
+            s[seen.get(int(key), [])] = -np.inf
+            best = np.argpartition(-s, top - 1)[:top] if top < n_items else np.arange(n_items)
+            best = best[np.argsort(-s[best], kind="stable")][:top]
+            wanted = truth[int(key)]
+            hits = np.fromiter((int(i) in wanted for i in best), bool, len(best))
+            for k in ks:
+                sums[f"recall@{k}"] += hits[:k].sum() / len(wanted)
+                sums[f"ndcg@{k}"] += (hits[:k] * discounts[:len(hits[:k])]).sum() / discounts[:min(len(wanted), k)].sum()
+    n = max(len(ranked_users), 1)
+    return {"users_ranked": int(len(ranked_users)), "catalogue": int(n_items),
+            **{name: value / n for name, value in sums.items()}}
+
+
 # ---------------------------------------------------------------- the train step
 
 def train_step(model, cfg):
