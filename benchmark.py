@@ -195,8 +195,12 @@ def bench_train(cfg, repeats, steps, peer=None):
                        "ratio_vs_torch_median": round(statistics.median(peer_ratios), 3),
                        "ratios_vs_torch": [round(x, 3) for x in peer_ratios],
                        "torch": torch.__version__, "torch_threads": torch.get_num_threads()})
-    result["machine"] = machine()
+    floor = machine_floor()  # the arithmetic floor of a step: its FLOPs at this machine's fp32 GEMM peak
+    flops = step_flops(model, cfg)
+    result.update({"gflop_per_step": round(flops / 1e9, 2), "gemm_peak_gflop_s": floor["gemm_gflop_s"],
+                   "flop_floor_ms_per_step": round(flops / floor["gemm_gflop_s"] / 1e6, 1), "machine": machine()})
     return result
+
 
 # ---------------------------------------------------------------- the PyTorch peer (train --peer torch)
 
@@ -208,7 +212,7 @@ def torch_peer(meta, cfg):
     step(*numpy_batch) -> loss (a float)."""
     import os
     cfg = cfg.for_model()
-    if MODELS[cfg.model].cls != "IntTower" or cfg.se not in ("lightse", "none") or cfg.interaction == "fc":
+    if MODELS[cfg.model].cls != "IntTower" or cfg.se not in ("lightse", "none") or cfg.interaction not in ("fe", "dot"):
         raise UserError(f"--peer torch builds IntTower and two_tower (Light-SE or none, FE-Block or dot), "
                         f"not {cfg.model} with se={cfg.se}, interaction={cfg.interaction}")
     try:
@@ -424,6 +428,7 @@ def bench_profile(cfg, steps):
             "wall_ms_per_step_profiled": round(wall, 1), "kernel_ms_per_step": round(sum(ops_ms.values()), 1),
             "top_operators_ms_per_step": {k: round(v, 2) for k, v in top.items()},
             "gflop_per_step": round(flops / 1e9, 2),
+            "flop_floor_ms_per_step": round(flops / machine_floor()["gemm_gflop_s"] / 1e6, 1),
             "matmul_gflops_per_s": round(flops / 1e9 / ((ops_ms.get("MatMul", 0) + ops_ms.get("BatchMatMul", 0)) / 1000), 1)
             if ops_ms.get("MatMul") else None, "machine": machine()}
 

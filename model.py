@@ -4,6 +4,8 @@ Nothing here knows MovieLens: field names, vocabulary sizes and input arrays com
 `meta["towers"]` (written by get_dataset.py). A model takes the input arrays named by
 `meta["inputs"]` (user arrays first, then item arrays) and returns click logits (B,).
 """
+import math
+
 import mindspore as ms
 from mindspore import nn, ops
 
@@ -75,6 +77,11 @@ class Tower(nn.Cell):
         return (x,) + self.mlp(x)
 
 
+def unit(x, eps=1e-12):
+    """Rows of x scaled to unit length (written out: ops.L2Normalize's gradient is very slow on CPU)."""
+    return x * ops.rsqrt((x * x).sum(-1, keepdims=True) + eps)
+
+
 def fe_user_layers(cfg):
     """Indices into a user tower's representations (0: MLP input, k: layer k's output) for --fe_layers."""
     n = len(cfg.mlp)
@@ -102,6 +109,9 @@ class IntTower(RecModel):
 
     interaction 'fe' : FE-Block MaxSim over H heads of every user layer (or the last only);
     interaction 'dot': the plain two-tower dot product of the last layers;
+    interaction 'cosine': DSSM's cosine of the last layers times a learned scale (an inverse temperature,
+                       started at `cosine_scale`); the scale is folded into the user vector, so an index
+                       scores it as a plain dot product;
     interaction 'fc' : an MLP over both last layers (the "FE-Block -> FC" ablation; this couples the
                        towers, so it cannot be served from an item index).
     se: Light-SE, SENET or none on each tower's field embeddings; cir_weight > 0 adds the CIR loss."""
@@ -110,7 +120,7 @@ class IntTower(RecModel):
         super().__init__(meta)
         self.interaction = cfg.interaction
         self.decoupled = cfg.interaction != "fc"
-        self.scoring = {"fe": "maxsim", "dot": "dot"}.get(cfg.interaction)
+        self.scoring = {"fe": "maxsim", "dot": "dot", "cosine": "dot"}.get(cfg.interaction)
         self.user_tower = Tower(meta["towers"]["user"], cfg)
         self.item_tower = Tower(meta["towers"]["item"], cfg)
         last = cfg.mlp[-1]
@@ -119,6 +129,8 @@ class IntTower(RecModel):
             self.fe = FEBlock(dims, last, cfg.heads, cfg.head_dim, fe_user_layers(cfg), cfg.fe_mean)
         elif cfg.interaction == "fc":
             self.head = nn.SequentialCell([nn.Dense(2 * last, last, activation="relu"), nn.Dense(last, 1)])
+        elif cfg.interaction == "cosine":
+            self.log_scale = ms.Parameter(ms.Tensor(math.log(cfg.cosine_scale), ms.float32), name="log_scale")
         self.bias = ms.Parameter(ms.Tensor(0.0, ms.float32), name="bias")
         self.cir_weight = float(cfg.cir_weight)
         self.has_aux = self.cir_weight > 0
@@ -130,25 +142,31 @@ class IntTower(RecModel):
 
     def _user(self, inputs):
         layers = self.user_tower(*inputs)
-        return (self.fe.user_heads(layers) if self.interaction == "fe" else layers[-1]), layers[-1]
+        if self.interaction == "fe":
+            return self.fe.user_heads(layers), layers[-1]
+        if self.interaction == "cosine":
+            return unit(layers[-1]) * ops.exp(self.log_scale), layers[-1]
+        return layers[-1], layers[-1]
 
     def _item(self, inputs):
         last = self.item_tower(*inputs)[-1]
-        return (self.fe.item_heads(last) if self.interaction == "fe" else last), last
+        if self.interaction == "fe":
+            return self.fe.item_heads(last), last
+        return (unit(last) if self.interaction == "cosine" else last), last
 
     def user_representation(self, *user_inputs):
-        """(B, L, H, p) FE heads, or (B, hidden) for dot/fc."""
+        """(B, L, H, p) FE heads, or (B, hidden) for dot/fc (cosine: unit length times the scale)."""
         return self._user(user_inputs)[0]
 
     def item_representation(self, *item_inputs):
-        """(B, H, p) FE heads, or (B, hidden) for dot/fc."""
+        """(B, H, p) FE heads, or (B, hidden) for dot/fc (cosine: unit length)."""
         return self._item(item_inputs)[0]
 
     def score(self, user, item):
         """Logits (B,) of B user and B item representations (pairs)."""
         if self.interaction == "fe":
             return self.fe(user, item) + self.bias
-        if self.interaction == "dot":
+        if self.interaction in ("dot", "cosine"):
             return (user * item).sum(-1) + self.bias
         return self.head(ops.concat((user, item), -1)).squeeze(-1)
 

@@ -32,6 +32,8 @@ class ModelSpec:
 MODELS = {
     "lr": ModelSpec("LR", {}),
     "two_tower": ModelSpec("IntTower", {"se": "none", "interaction": "dot", "cir_weight": 0.0}, 0.8697),
+    # DSSM-style: unit-length tower outputs with linear last layers, cosine times a learned scale
+    "dssm": ModelSpec("IntTower", {"se": "none", "interaction": "cosine", "cir_weight": 0.0, "linear_output": True}),
     "dat": ModelSpec("DAT", {}, 0.8712),
     "cold": ModelSpec("COLD", {}, 0.8836),
     "inttower": ModelSpec("IntTower", {}, 0.8974),
@@ -41,7 +43,7 @@ MODELS = {
     "autoint": ModelSpec("AutoInt", {}, 0.8948),
 }
 SE_TYPES = ("lightse", "senet", "none")
-INTERACTIONS = ("fe", "dot", "fc")
+INTERACTIONS = ("fe", "dot", "cosine", "fc")
 FE_LAYERS = ("outputs", "inputs", "all")
 DEVICES = ("CPU", "GPU", "Ascend")
 
@@ -94,8 +96,8 @@ class Config:
     # ---- model (model.py)
     model: str = _opt("inttower", "which model to train", "model", tuple(MODELS))
     se: str = _opt("lightse", "field attention over each tower's embeddings", "model", SE_TYPES)
-    interaction: str = _opt("fe", "fe: FE-Block MaxSim; dot: plain two-tower; fc: an MLP over both "
-                                  "towers (couples them)", "model", INTERACTIONS)
+    interaction: str = _opt("fe", "fe: FE-Block MaxSim; dot: plain two-tower; cosine: DSSM's cosine times a learned "
+                                  "scale; fc: an MLP over both towers (couples them)", "model", INTERACTIONS)
     fe_layers: str = _opt("outputs", "user representations the FE-Block projects: outputs (every MLP layer's "
                                      "output), inputs (every MLP layer's input: the field embeddings and every "
                                      "hidden layer but the last, as the published code), all (both)", "model",
@@ -114,6 +116,8 @@ class Config:
     linear_output: bool = _opt(False, "the towers' last layer (the vector that is dotted or projected into heads) "
                                       "without ReLU and Dropout (false: every layer Dense-BN-ReLU-Dropout, as "
                                       "the published code)", "model")
+    cosine_scale: float = _opt(5.0, "interaction cosine: the initial value of the learned scale of the cosine "
+                                     "(an inverse temperature)", "model")
     cir_weight: float = _opt(0.1, "weight of the contrastive CIR loss (0: off)", "model")
     cir_tau: float = _opt(0.2, "temperature of the CIR loss", "model")
     cir_anchors: int = _opt(512, "CIR: the first N rows of a batch are anchors against all its items (0: all rows)",
@@ -157,7 +161,7 @@ class Config:
                 raise ValueError(f"--{key} must be >= 0, got {getattr(self, key)}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
-        for key in ("lr", "cir_tau"):
+        for key in ("lr", "cir_tau", "cosine_scale"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"--{key} must be positive, got {getattr(self, key)}")
         if self.ranking_ks and min(self.ranking_ks) <= 0:

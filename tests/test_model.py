@@ -371,6 +371,22 @@ def test_linear_output_towers_end_without_relu_and_dropout():
     assert "ReLU" not in kinds[-1] and "Dropout" not in kinds[-1] and "BatchNorm" in kinds[-1]
 
 
+def test_dssm_scores_the_scaled_cosine_of_linear_tower_outputs():
+    """dssm: cos(u, v) times the learned scale (started at --cosine_scale) plus the bias; the index-side
+    representations are unit vectors (the user's times the scale), scored as a dot product."""
+    net = M.build_model(META, SMALL.replace(model="dssm", cosine_scale=3.0))
+    net.set_train(False)
+    b = batch(8)
+    logits, (u, v, _) = net.forward(*inputs(b))
+    u, v = u.asnumpy(), v.asnumpy()
+    assert (u < 0).any() and (v < 0).any()  # linear last layers
+    cos = (u * v).sum(-1) / np.linalg.norm(u, axis=-1) / np.linalg.norm(v, axis=-1)
+    np.testing.assert_allclose(logits.asnumpy(), 3.0 * cos + float(net.bias.asnumpy()), atol=1e-5)
+    items = net.item_representation(*inputs(b)[net.n_user_inputs:]).asnumpy()
+    np.testing.assert_allclose(np.linalg.norm(items, axis=-1), 1.0, rtol=1e-5)
+    assert net.scoring == "dot" and net.decoupled and "log_scale" in [p.name for p in net.trainable_params()]
+
+
 def test_two_tower_is_inttower_without_additions():
     net = M.build_model(META, SMALL.replace(model="two_tower"))
     assert net.interaction == "dot" and net.user_tower.attention is None and not net.has_aux

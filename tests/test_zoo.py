@@ -37,7 +37,7 @@ def test_model_trains_with_falling_loss(name, data):
     assert probs.shape == (len(dataset.arrays("test")["label"]),) and ((probs > 0) & (probs < 1)).all()
 
 
-@pytest.mark.parametrize("name", ["inttower", "two_tower", "dat"])
+@pytest.mark.parametrize("name", ["inttower", "two_tower", "dssm", "dat"])
 def test_decoupled_models_score_from_their_towers(name, data):
     cfg, dataset = data
     meta = dataset.meta
