@@ -242,7 +242,7 @@ def report(out, latency=True):
             lines += ["The `paper` protocol computes the mean-rating features of every split from that split's own "
                       "labels (the published code's leak): its numbers are optimistic.", ""]
         lines += ["| model | seeds | test AUC | test logloss | GAUC | paper AUC | parameters | train s | "
-                  "ms / 10k candidates |", "|---|---|---|---|---|---|---|---|---|"]
+                  "best epochs | ms / 10k candidates |", "|---|---|---|---|---|---|---|---|---|---|"]
         groups = {}
         for r in rows:
             if r["protocol"] == protocol:
@@ -255,10 +255,33 @@ def report(out, latency=True):
             lines.append(f"| {variant} | {len(g)} | {mean_std([r['test_auc'] for r in g])} | "
                          f"{mean_std([r['test_logloss'] for r in g])} | {mean_std([r['test_gauc'] for r in g])} | "
                          f"{paper_auc if paper_auc else '-'} | {g[0]['parameters']:,} | "
-                         f"{statistics.mean(r['train_seconds'] for r in g):.0f} | {lat} |")
+                         f"{statistics.mean(r['train_seconds'] for r in g):.0f} | "
+                         f"{', '.join(str(r['best_epoch']) for r in sorted(g, key=lambda r: r['seed']))} | {lat} |")
+        lines += paired_differences(groups)
         (out / f"{protocol}.md").write_text("\n".join(lines) + "\n")
         say(f"written {out / f'{protocol}.md'}")
     plot_ablation(rows, out)
+
+
+def paired_differences(groups, reference="inttower"):
+    """Table lines: test AUC of `reference` minus each other variant's, seed by seed (the seeds both ran),
+    their mean and the two-sided paired t-test p-value (nan with fewer than two seeds)."""
+    if reference not in groups:
+        return []
+    from scipy.stats import ttest_rel
+    ours = {r["seed"]: r["test_auc"] for r in groups[reference]}
+    lines = ["", f"Paired by seed: test AUC of {reference} minus each model's (same split and initialisation seed).",
+             "", "| model | seeds | differences | mean | p (paired t-test) |", "|---|---|---|---|---|"]
+    for variant, g in groups.items():
+        theirs = {r["seed"]: r["test_auc"] for r in g}
+        seeds = sorted(set(ours) & set(theirs))
+        if variant == reference or not seeds:
+            continue
+        diffs = [ours[k] - theirs[k] for k in seeds]
+        p = ttest_rel([ours[k] for k in seeds], [theirs[k] for k in seeds]).pvalue if len(seeds) > 1 else float("nan")
+        lines.append(f"| {variant} | {len(seeds)} | {', '.join(f'{d:+.4f}' for d in diffs)} | "
+                     f"{statistics.mean(diffs):+.4f} | {p:.3g} |")
+    return lines
 
 
 def plot_ablation(rows, out):

@@ -108,3 +108,16 @@ def test_ablations_are_not_tuned_and_take_their_models_setting(tmp_path, monkeyp
     assert trained == ["lr"] and set(chosen) == {"inttower", "lr"}
     table = (tmp_path / "tuning-lr.md").read_text()
     assert table.index("| lr |") < table.index("| inttower |")  # in the order of the results tables
+
+
+def test_paired_differences_match_scipy_and_pair_by_seed():
+    from scipy.stats import ttest_rel
+    groups = {"inttower": [{"seed": s, "test_auc": a} for s, a in ((1, 0.90), (2, 0.91), (3, 0.905))],
+              "two_tower": [{"seed": s, "test_auc": a} for s, a in ((3, 0.89), (1, 0.885), (2, 0.902))],
+              "cold": [{"seed": 2, "test_auc": 0.95}]}
+    lines = rx.paired_differences(groups)
+    row = next(line for line in lines if line.startswith("| two_tower |"))
+    p = ttest_rel([0.90, 0.91, 0.905], [0.885, 0.902, 0.89]).pvalue
+    assert row == f"| two_tower | 3 | +0.0150, +0.0080, +0.0150 | +0.0127 | {p:.3g} |"
+    assert next(line for line in lines if line.startswith("| cold |")) == "| cold | 1 | -0.0400 | -0.0400 | nan |"
+    assert rx.paired_differences({"two_tower": groups["two_tower"]}) == []
