@@ -468,3 +468,27 @@ def test_unknown_inputs_use_numeric_fills_and_the_prior():
     assert rows["item_categories_mask"].sum() == 0
     np.testing.assert_allclose(rows["item_dense"], [[3.1, 0.4]], rtol=1e-6)
     assert list(rows) == gd.tower_inputs(towers, "item")
+
+
+def test_temporal_validation_like_test_matches_the_test_share_of_unseen_users():
+    """--temporal_val like_test: test rows as before; validation from the period before test, its share of
+    rows from users without a training row close to the test split's; every row in exactly one split."""
+    from get_dataset import split_rows
+    rng = np.random.default_rng(0)
+    n, users = 20_000, 600
+    joined = np.sort(rng.uniform(0, 1, users)) ** 0.5  # more users join late, as in MovieLens
+    user = rng.integers(0, users, n)
+    stamp = (joined[user] + rng.exponential(0.05, n)) * 1e6
+    base = split_rows(n, "temporal", 1, stamp)
+    like = split_rows(n, "temporal", 1, stamp, users=user, val="like_test")
+    np.testing.assert_array_equal(np.sort(like["test"]), np.sort(base["test"]))
+    np.testing.assert_array_equal(np.sort(np.concatenate([like["train"], like["val"]])),
+                                  np.sort(np.concatenate([base["train"], base["val"]])))
+    assert set(like["val"]) <= set(base["val"])
+
+    def unseen(split, train):
+        return np.mean(~np.isin(user[split], user[train]))
+    before = unseen(base["val"], base["train"]), unseen(base["test"], base["train"])
+    after = unseen(like["val"], like["train"]), unseen(like["test"], like["train"])
+    assert abs(before[0] - before[1]) > 0.1  # the period split's validation is unlike its test
+    assert abs(after[0] - after[1]) < 0.02
