@@ -84,7 +84,7 @@ class Config:
     protocol: str = _opt("auto", "paper (published, leaks labels into features), random (same split, "
                                  "leak-free), temporal (80/10/10 by time, leak-free); auto: temporal "
                                  "when timestamps exist, else random", "data", PROTOCOLS)
-    temporal_val: str = _opt("period", "protocol temporal: the validation split. period: the 10% of rows before the "
+    temporal_val: str = _opt("period", "protocol temporal: the validation split. period: the tenth of the rows before the "
                                        "test period (mostly users new in that period); like_test: that period's rows "
                                        "of returning users plus a seeded sample of its new users, with the test "
                                        "split's share of rows from users training has not seen (docs/design.md)",
