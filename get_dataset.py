@@ -1725,6 +1725,8 @@ def main():
         + "; positive rate " + ", ".join(f"{s} {m['positive_rate'][s]:.3f}" for s in SPLITS))
     say("fields: " + ", ".join(f"{f['name']} ({f['vocab_size']})" for t in m["towers"].values()
                                for f in t["sparse"] + t["multi"]))
+    say("rows whose id has no training row (out of vocabulary): " + "; ".join(
+        f"{s} " + ", ".join(f"{name} {rate:.1%}" for name, rate in m["oov_rate"][s].items()) for s in ("val", "test")))
     for section, j in m.get("join", {}).items():
         if j["interactions_without_row"]:
             say(f"join: {j['interactions_without_row']:,} interactions without a row in {section} ({j['policy']})")
