@@ -395,6 +395,45 @@ def step_flops(model, cfg):
     return 3 * forward
 
 
+def kernel_probes(rows=2048, width=300, repeats=50):
+    """What the CPU offers and what MindSpore's CPU kernels make of it, on one layer's shapes: GFLOP/s of a
+    (rows, width) @ (width, width) product per dtype ("no kernel" where MindSpore has none), and ms of an
+    element-wise multiply by a (width,) vector (broadcast) against one by an equal-shaped array."""
+    import mindspore as ms
+    from mindspore import nn, ops
+    flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
+
+    class Chain(nn.Cell):  # the op 20 times in one graph: the launch of the graph is not what is timed
+        def __init__(self, fn):
+            super().__init__()
+            self.fn = fn
+
+        def construct(self, a, b):
+            for _ in range(20):
+                a = self.fn(a, b)
+            return a
+
+    def ms_per_call(fn, a, b):
+        cell = Chain(fn)
+        cell(a, b).asnumpy()
+        return median_ms(lambda: cell(a, b).asnumpy(), repeats) / 20
+    rng = np.random.default_rng(0)
+    x = ms.Tensor(rng.normal(size=(rows, width)).astype(np.float32))
+    w = ms.Tensor(rng.normal(size=(width, width)).astype(np.float32))
+    matmul = {}
+    for name, dtype in (("float32", ms.float32), ("float16", ms.float16), ("bfloat16", ms.bfloat16)):
+        try:
+            matmul[name] = round(2 * rows * width * width / ms_per_call(ops.matmul, x.astype(dtype), w.astype(dtype)) / 1e6, 1)
+        except (RuntimeError, TypeError, ValueError) as e:
+            reason = next((line.strip() for line in str(e).splitlines() if line.strip(" -")), "")
+            matmul[name] = f"no kernel ({reason[:80]})"
+    vector, same = ms.Tensor(rng.normal(size=width).astype(np.float32)), ms.Tensor(rng.normal(size=(rows, width)).astype(np.float32))
+    return {"cpu_flags": {f: f in flags for f in ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile")},
+            f"matmul_{rows}x{width}x{width}_gflop_s": matmul,
+            "mul_by_vector_ms": round(ms_per_call(ops.mul, x, vector), 3),
+            "mul_equal_shapes_ms": round(ms_per_call(ops.mul, x, same), 3)}
+
+
 def bench_profile(cfg, steps):
     """Run `steps` train steps under MindSpore's profiler; milliseconds per step of each operator type."""
     import csv
@@ -430,7 +469,7 @@ def bench_profile(cfg, steps):
             "gflop_per_step": round(flops / 1e9, 2),
             "flop_floor_ms_per_step": round(flops / machine_floor()["gemm_gflop_s"] / 1e6, 1),
             "matmul_gflops_per_s": round(flops / 1e9 / ((ops_ms.get("MatMul", 0) + ops_ms.get("BatchMatMul", 0)) / 1000), 1)
-            if ops_ms.get("MatMul") else None, "machine": machine()}
+            if ops_ms.get("MatMul") else None, "kernel_probes": kernel_probes(), "machine": machine()}
 
 
 def bench_serve(cfg, repeats, sizes=(1_000, 10_000, 100_000)):

@@ -75,3 +75,14 @@ def test_step_flops_counts_dense_maxsim_and_cir(tiny_cfg):
     dense = 2 * (6 * 6 + 6 * 4) + (6 * 6 + 4 * 6) + 4 * 6
     expected = 3 * (2 * 10 * dense + 2 * 10 * 2 * 2 * 2 * 3 + 2 * 10 * 10 * 4)
     assert benchmark.step_flops(model, cfg) == expected
+
+
+def test_kernel_probes_report_every_dtype_and_both_multiplies(tiny_cfg):
+    from runtime import init_mindspore
+    init_mindspore(tiny_cfg)
+    probes = benchmark.kernel_probes(rows=64, width=16, repeats=3)
+    assert set(probes["cpu_flags"]) == {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}
+    speeds = probes["matmul_64x16x16_gflop_s"]
+    assert set(speeds) == {"float32", "float16", "bfloat16"} and speeds["float32"] > 0
+    assert all(isinstance(v, float) or v.startswith("no kernel") for v in speeds.values())
+    assert probes["mul_by_vector_ms"] > 0 and probes["mul_equal_shapes_ms"] > 0
