@@ -11,7 +11,7 @@ from mindspore import nn, ops
 
 from get_dataset import id_field
 from model_config import MODELS
-from module import CIRLoss, CrossNet, FEBlock, FM, MLP, SelfAttention, count_params, field_attention
+from module import CIRLoss, CrossNet, FEBlock, FM, MLP, SelfAttention, count_params, field_attention, unit
 from util import UserError
 
 
@@ -75,11 +75,6 @@ class Tower(nn.Cell):
         """Every representation from the MLP input (index 0) to the last layer's output (index n)."""
         x = self.features(*inputs)
         return (x,) + self.mlp(x)
-
-
-def unit(x, eps=1e-12):
-    """Rows of x scaled to unit length (written out: ops.L2Normalize's gradient is very slow on CPU)."""
-    return x * ops.rsqrt((x * x).sum(-1, keepdims=True) + eps)
 
 
 def fe_user_layers(cfg):

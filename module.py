@@ -74,7 +74,7 @@ class BatchNorm(nn.Cell):
             n = x.shape[0]
             # The batch sums as (1, B) @ (B, C) products and the per-column scale and shift repeated to (B, C):
             # on CPU here an element-wise op with a broadcast operand is ~4x slower than on equal shapes, and
-            # the gradient of a batch sum is such an op (docs/performance.md, "Training step profile").
+            # the gradient of a batch sum is such an op (docs/design.md, "Training step").
             ones = ops.ones((1, n), x.dtype)
             mean = ops.matmul(ones, x).reshape((-1,)) * (1.0 / n)
             var = ops.maximum(ops.matmul(ones, x * x).reshape((-1,)) * (1.0 / n) - mean * mean, 0.0)
@@ -169,6 +169,11 @@ class FEBlock(nn.Cell):
         return dots.max(axis=-1).sum(-1)
 
 
+def unit(x, eps=1e-12):
+    """Rows of x scaled to unit length (written out: ops.L2Normalize's gradient is very slow on CPU)."""
+    return x * ops.rsqrt((x * x).sum(-1, keepdims=True) + eps)
+
+
 class CIRLoss(nn.Cell):
     """Contrastive in-batch InfoNCE between user and item representations (the paper's CIR).
 
@@ -177,19 +182,15 @@ class CIRLoss(nn.Cell):
     the clicked rows, exactly 0 without any. `user` may hold only the first K rows (anchors) of the
     batch: (K, d) against (B, d) items. With `mask_same_item`, a row j != i whose item id equals row i's
     is left out of row i's softmax: it is the anchor's own item, not a negative (on MovieLens most clicked
-    anchors have their item elsewhere in a 2,048-row batch). Log-sum-exp with the max subtracted (stable);
-    the norm is written out because ops.L2Normalize's gradient is very slow on CPU."""
+    anchors have their item elsewhere in a 2,048-row batch). Log-sum-exp with the max subtracted (stable)."""
 
     def __init__(self, tau=0.2, mask_same_item=False, eps=1e-12):
         super().__init__()
         self.tau, self.mask_same_item, self.eps = tau, mask_same_item, eps
         self.matmul_t = ops.MatMul(transpose_b=True)
 
-    def _normalize(self, x):
-        return x * ops.rsqrt((x * x).sum(-1, keepdims=True) + self.eps)
-
     def construct(self, user, item, labels, item_ids=None):
-        u, v = self._normalize(user) * (1.0 / self.tau), self._normalize(item)
+        u, v = unit(user, self.eps) * (1.0 / self.tau), unit(item, self.eps)
         logits = self.matmul_t(u, v)  # (K, B) cos / tau
         if self.mask_same_item:
             k, n = u.shape[0], v.shape[0]
