@@ -149,9 +149,9 @@ class Config:
                             "the run to read)", "run")
     resume: str = _opt("", "train: continue the run in this directory from its last checkpoint", "run")
     checkpoint: str = _opt("", "eval/export: a checkpoint file (default: the run's best checkpoint)", "run")
-    ranking_ks: tuple = _opt((), "eval.py: also rank the whole catalogue for every test user (items without a training "
-                                 "row for the user) and report Recall@K and NDCG@K at these K, e.g. 10,50,200 "
-                                 "(empty: off)", "run")
+    ranking_ks: tuple = _opt((), "train.py (its test) and eval.py: also rank the whole catalogue for every test user "
+                                 "(items without a training row for the user) and report Recall@K and NDCG@K at "
+                                 "these K, e.g. 10,50,200 (empty: off)", "run")
 
     def validate(self):
         positive = ("embed_dim", "heads", "head_dim", "epochs", "batch_size", "eval_batch_size",

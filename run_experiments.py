@@ -214,7 +214,7 @@ def collect(out):
                      "test_logloss": m["test"]["logloss"], "test_gauc": m["test"]["gauc"], "val_auc": m["val_auc"],
                      "best_epoch": m["best_epoch"], "parameters": m["parameters"],
                      "train_seconds": m["train_seconds"], "decoupled": m.get("decoupled", False),
-                     "rows_test": m["test"]["rows"]})
+                     "rows_test": m["test"]["rows"], **{k: v for k, v in m["test"].items() if "@" in k}})
     return rows
 
 
@@ -232,7 +232,8 @@ def report(out, latency=True):
     if not rows:
         raise UserError(f"no finished runs in {out / 'runs'}")
     with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        fields = list(dict.fromkeys(k for r in rows for k in r))  # ranking metrics only where a run has them
+        writer = csv.DictWriter(f, fieldnames=fields, restval="")
         writer.writeheader()
         writer.writerows(rows)
     for protocol in sorted({r["protocol"] for r in rows}):
@@ -257,7 +258,7 @@ def report(out, latency=True):
                          f"{paper_auc if paper_auc else '-'} | {g[0]['parameters']:,} | "
                          f"{statistics.mean(r['train_seconds'] for r in g):.0f} | "
                          f"{', '.join(str(r['best_epoch']) for r in sorted(g, key=lambda r: r['seed']))} | {lat} |")
-        lines += paired_differences(groups)
+        lines += paired_differences(groups) + ranking_table(groups)
         (out / f"{protocol}.md").write_text("\n".join(lines) + "\n")
         say(f"written {out / f'{protocol}.md'}")
     plot_ablation(rows, out)
@@ -281,6 +282,22 @@ def paired_differences(groups, reference="inttower"):
         p = ttest_rel([ours[k] for k in seeds], [theirs[k] for k in seeds]).pvalue if len(seeds) > 1 else float("nan")
         lines.append(f"| {variant} | {len(seeds)} | {', '.join(f'{d:+.4f}' for d in diffs)} | "
                      f"{statistics.mean(diffs):+.4f} | {p:.3g} |")
+    return lines
+
+
+def ranking_table(groups):
+    """Table lines: mean ± std over seeds of every Recall@K / NDCG@K the runs measured (train.py --ranking_ks)."""
+    names = sorted({k for g in groups.values() for r in g for k in r if "@" in k},
+                   key=lambda k: (k.split("@")[0], int(k.split("@")[1])))
+    if not names:
+        return []
+    order = ORDER + list(ABLATIONS)
+    lines = ["", "Ranking the whole catalogue for every test user (items with a training row for the user left out):",
+             "", "| model | seeds | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for variant in sorted(groups, key=lambda v: order.index(v) if v in order else 99):
+        g = [r for r in groups[variant] if names[0] in r]
+        if g:
+            lines.append(f"| {variant} | {len(g)} | " + " | ".join(mean_std([r.get(k) for r in g]) for k in names) + " |")
     return lines
 
 

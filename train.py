@@ -26,8 +26,8 @@ from tqdm import tqdm
 
 from get_dataset import load_dataset
 from model_config import keys_of, parse_args
-from runtime import (batches, epoch_order, evaluate, init_mindspore, load_checkpoint, params_md5, restore_run,
-                     save_checkpoint, train_step)
+from runtime import (batches, epoch_order, evaluate, init_mindspore, load_checkpoint, params_md5, ranking_metrics,
+                     restore_run, save_checkpoint, train_step)
 
 
 # ---------------------------------------------------------------- the run
@@ -288,6 +288,8 @@ class Trainer:
         cfg, meta, state = self.cfg, self.data.meta, self.state
         load_checkpoint(self.model, self.run_dir / "best.ckpt")
         test = evaluate(self.model, self.data.arrays("test"), self.names, cfg.eval_batch_size, with_gauc=True)
+        if cfg.ranking_ks:  # Recall@K, NDCG@K over the whole catalogue (eval.py --ranking_ks does the same)
+            test.update(ranking_metrics(self.model, self.data, self.names, cfg.eval_batch_size, cfg.ranking_ks))
         history = [json.loads(line) for line in open(self.log_path)]
         metrics = {
             "model": cfg.model, "dataset": meta["dataset"], "synthetic": meta["synthetic"],

@@ -121,3 +121,13 @@ def test_paired_differences_match_scipy_and_pair_by_seed():
     assert row == f"| two_tower | 3 | +0.0150, +0.0080, +0.0150 | +0.0127 | {p:.3g} |"
     assert next(line for line in lines if line.startswith("| cold |")) == "| cold | 1 | -0.0400 | -0.0400 | nan |"
     assert rx.paired_differences({"two_tower": groups["two_tower"]}) == []
+
+
+def test_ranking_table_lists_every_measured_k_in_order():
+    groups = {"inttower": [{"seed": 1, "recall@10": 0.1, "recall@200": 0.5, "ndcg@10": 0.2},
+                           {"seed": 2, "recall@10": 0.3, "recall@200": 0.7, "ndcg@10": 0.4}],
+              "two_tower": [{"seed": 1}]}
+    lines = rx.ranking_table(groups)
+    assert lines[3] == "| model | seeds | ndcg@10 | recall@10 | recall@200 |"
+    assert lines[5] == "| inttower | 2 | 0.3000 ± 0.1414 | 0.2000 ± 0.1414 | 0.6000 ± 0.1414 |"
+    assert len(lines) == 6 and rx.ranking_table({"two_tower": [{"seed": 1}]}) == []
