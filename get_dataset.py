@@ -1100,7 +1100,7 @@ def validation_like_test(train, period, test, users, seed):
     returning = np.zeros(size, bool)
     returning[users[train]] = True
     new_users = np.unique(users[period][~returning[users[period]]])
-    new_users = new_users[np.random.default_rng([seed, 7]).permutation(len(new_users))]
+    new_users = new_users[np.random.default_rng([seed, 7]).permutation(len(new_users))]  # a stream of its own
     rank = np.full(size, len(new_users))
     rank[new_users] = np.arange(len(new_users))  # new users enter validation in this order
     period_rank, test_rank = rank[users[period]], rank[users[test]]

@@ -87,7 +87,8 @@ class Config:
     temporal_val: str = _opt("period", "protocol temporal: the validation split. period: the tenth of the rows before the "
                                        "test period (mostly users new in that period); like_test: that period's rows "
                                        "of returning users plus a seeded sample of its new users, with the test "
-                                       "split's share of rows from users training has not seen (docs/design.md)",
+                                       "split's share of rows from users training has not seen (docs/design.md); a "
+                                       "schema's day split (Alibaba) keeps its own validation",
                              "data", ("period", "like_test"))
     label_threshold: int = _opt(3, "label = rating > label_threshold", "data")
     drop_neutral: bool = _opt(True, "drop ratings equal to label_threshold (as the paper does)", "data")
