@@ -46,11 +46,11 @@ def timed(fn, steps):
     return (time.perf_counter() - start) / steps
 
 
-def endless_batches(arrays, names, cfg):
-    """Training batches as train.py feeds them, epoch after epoch."""
+def endless_batches(arrays, names, cfg, numpy=False):
+    """Training batches as train.py feeds them, epoch after epoch (as numpy arrays for the PyTorch peer)."""
     n, epoch = len(arrays["label"]), 0
     while True:
-        yield from batches(arrays, names + ["label"], cfg.batch_size, epoch_order(cfg.seed, epoch, n))
+        yield from batches(arrays, names + ["label"], cfg.batch_size, epoch_order(cfg.seed, epoch, n), numpy=numpy)
         epoch += 1
 
 
@@ -165,7 +165,7 @@ def bench_train(cfg, repeats, steps, peer=None):
              "value_and_grad_jit": compiled_loop(functional_step(fn_model, cfg), fn_model,
                                                  endless_batches(arrays, meta["inputs"], cfg))}
     if peer == "torch":
-        loops["torch"] = eager_loop(torch_peer(meta, cfg), numpy_batches(arrays, meta["inputs"], cfg))
+        loops["torch"] = eager_loop(torch_peer(meta, cfg), endless_batches(arrays, meta["inputs"], cfg, numpy=True))
     published = PublishedLoop(meta, arrays, cfg)
     say("warming up (compilation, first batches)")
     for run in loops.values():
@@ -259,10 +259,8 @@ def torch_peer(meta, cfg):
                 outputs.append(layer(outputs[-1]))
             return outputs
 
-    n_user = sum(name.startswith("user_") for name in meta["inputs"])
-    user_layers = {"outputs": range(1, len(cfg.mlp) + 1), "inputs": range(len(cfg.mlp)),
-                   "all": range(len(cfg.mlp) + 1)}[cfg.fe_layers]
-    user_layers = tuple(user_layers)[-1:] if cfg.last_layer_only else tuple(user_layers)
+    from model import fe_user_layers
+    n_user, user_layers = sum(name.startswith("user_") for name in meta["inputs"]), fe_user_layers(cfg)
     heads, p, item_id = cfg.heads, cfg.head_dim, id_field(meta["towers"], "item")
 
     class Peer(tnn.Module):
@@ -309,16 +307,6 @@ def torch_peer(meta, cfg):
         return loss
     return step
 
-
-def numpy_batches(arrays, names, cfg):
-    """The batches of endless_batches as numpy arrays (the same rows in the same order)."""
-    n, epoch, bs = len(arrays["label"]), 0, cfg.batch_size
-    while True:
-        order = epoch_order(cfg.seed, epoch, n)
-        for start in range(0, n - n % bs, bs):
-            idx = order[start:start + bs]
-            yield tuple(arrays[name][idx] for name in names + ["label"])
-        epoch += 1
 
 
 def eager_loop(step, feed):

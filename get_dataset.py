@@ -1115,8 +1115,7 @@ def validation_like_test(train, period, test, users, seed):
     never = int((~returning[users[test]] & ~in_period[users[test]]).sum())  # test users unseen in any case
     gap = np.abs(val_new / np.maximum(old_rows + val_new, 1) - (never + test_new) / max(len(test), 1))
     m = int(np.argmin(gap))
-    to_val = period_rank < m
-    to_val |= period_rank == len(new_users)
+    to_val = (period_rank < m) | (period_rank == len(new_users))  # the first m new users, and every returning one
     return {"train": np.sort(np.concatenate([train, period[~to_val]])), "val": period[to_val], "test": test}
 
 

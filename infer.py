@@ -19,6 +19,12 @@ from scorer import Scorer
 from util import UserError, run_cli
 
 
+def item_or_user_id(text):
+    """An id from the command line: integers stay integers; text ids (Amazon's reviewerID, asin) stay text."""
+    text = text.strip()
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
 def parse_features(text):
     if not text:
         return None
@@ -48,16 +54,14 @@ def main(argv=None):
     if args.warm_calls < 0:
         parser.error("--warm_calls must be 0 or more")
     candidates = None
-    if args.candidates is not None:  # integers stay integers; text ids (Amazon's asin) stay text
-        candidates = [int(x) if x.strip().lstrip("-").isdigit() else x.strip()
-                      for x in args.candidates.split(",") if x.strip()]
+    if args.candidates is not None:
+        candidates = [item_or_user_id(x) for x in args.candidates.split(",") if x.strip()]
     scorer = Scorer(Path(args.export_dir) if args.export_dir else Path(args.run_dir) / "export",
                     user_tower=args.user_tower)
     if scorer.item_names is None and any(isinstance(c, str) for c in candidates or []):
         parser.error(f"--candidates expects comma-separated integers (this data set's item ids are integers), "
                      f"got {args.candidates!r}")
-    user_id = int(args.user_id) if args.user_id.lstrip("-").isdigit() else args.user_id
-    request = (user_id, candidates, args.top_k, parse_features(args.user_features))
+    request = (item_or_user_id(args.user_id), candidates, args.top_k, parse_features(args.user_features))
     result = scorer.recommend(*request)
     cold = result.pop("milliseconds", None)
     warm = [scorer.recommend(*request).get("milliseconds", 0.0) for _ in range(args.warm_calls)]

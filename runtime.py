@@ -43,12 +43,17 @@ def init_mindspore(cfg):
 
 # ---------------------------------------------------------------- data feeding
 
-def batches(arrays, names, batch_size, order=None, pad=False):
-    """Yield tuples of Tensors, one whole batch at a time, in `order` (default: as stored).
+def batches(arrays, names, batch_size, order=None, pad=False, numpy=False):
+    """Yield tuples of Tensors (numpy arrays with `numpy`), one whole batch at a time, in `order` (default:
+    as stored).
 
     Training drops the last incomplete batch (one compiled shape; a new order every epoch uses all
     rows over time); prediction pads it instead, and the caller drops the padding."""
-    import mindspore as ms
+    if numpy:
+        convert = np.asarray
+    else:
+        import mindspore as ms
+        convert = ms.Tensor
     n = len(arrays[names[0]])
     order = np.arange(n) if order is None else order
     stop = n if pad else n - n % batch_size
@@ -56,7 +61,7 @@ def batches(arrays, names, batch_size, order=None, pad=False):
         idx = order[start:start + batch_size]
         if pad and len(idx) < batch_size:
             idx = np.concatenate([idx, np.full(batch_size - len(idx), idx[-1] if len(idx) else 0)])
-        yield tuple(ms.Tensor(arrays[name][idx]) for name in names)
+        yield tuple(convert(arrays[name][idx]) for name in names)
 
 
 def epoch_order(seed, epoch, n):

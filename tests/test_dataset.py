@@ -492,3 +492,17 @@ def test_temporal_validation_like_test_matches_the_test_share_of_unseen_users():
     after = unseen(like["val"], like["train"]), unseen(like["test"], like["train"])
     assert abs(before[0] - before[1]) > 0.1  # the period split's validation is unlike its test
     assert abs(after[0] - after[1]) < 0.02
+
+
+def test_temporal_val_like_test_reaches_the_cached_splits(tiny_cfg):
+    """--temporal_val is a data key: load_dataset builds (and caches) the like_test validation, whose share of
+    rows from users without a training row (meta.json oov_rate) is closer to the test split's."""
+    from get_dataset import load_dataset
+    period = load_dataset(tiny_cfg, quiet=True).meta
+    like = load_dataset(tiny_cfg.replace(temporal_val="like_test"), quiet=True).meta
+    assert period["protocol"] == like["protocol"] == "temporal" and like["options"]["temporal_val"] == "like_test"
+    assert like["rows"]["test"] == period["rows"]["test"] and like["rows"]["val"] < period["rows"]["val"]
+
+    def gap(meta):
+        return abs(meta["oov_rate"]["val"]["user_id"] - meta["oov_rate"]["test"]["user_id"])
+    assert gap(like) < 0.05 < gap(period)

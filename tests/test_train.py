@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -323,3 +324,13 @@ def test_ranking_metrics_match_a_loop_over_users(tiny_cfg):
     for name, values in expected.items():
         assert got[name] == pytest.approx(np.mean(values), abs=1e-6), name
     assert 0 < got["recall@5"] < got["recall@20"] < 1
+
+
+def test_ranking_ks_in_train_metrics_and_eval(tiny_cfg):
+    """--ranking_ks: train.py's test metrics and eval.py's report carry the same Recall@K / NDCG@K."""
+    cfg = tiny_cfg.replace(run_dir=str(Path(tiny_cfg.output_dir) / "ranked"), epochs=1, ranking_ks=(5, 20))
+    metrics = train.train(cfg)
+    report = evaluate_run(Config(run_dir=cfg.run_dir, ranking_ks=(5, 20)), {"run_dir", "ranking_ks"})
+    for name in ("recall@5", "recall@20", "ndcg@5", "ndcg@20"):
+        assert 0 <= metrics["test"][name] <= 1 and report[name] == pytest.approx(metrics["test"][name])
+    assert metrics["test"]["users_ranked"] == report["users_ranked"] > 0
