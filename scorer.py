@@ -12,7 +12,7 @@ The user tower runs through ONNX Runtime on the export's batch-1 user_tower.onnx
 10x less dispatch than nn.GraphCell for this small graph; equal to the MINDIR within 1e-5, tested), else
 through the MINDIR. maxsim() in float32 is the reference every other scoring path is tested against:
 maxsim_batch (many users in one GEMM), CompressedIndex (int8 / bfloat16 / float16 storage, exact re-scoring
-of a shortlist) and IVFRetriever (an inverted file over the item heads, for large catalogues).
+of a shortlist) and IVFRetriever (an inverted file over whole items routed by MaxSim, for large catalogues).
 Measurements and what was rejected: docs/serving.md.
 """
 import json
@@ -132,56 +132,69 @@ class CompressedIndex:
 
 
 class IVFRetriever:
-    """Catalogue-scale retrieval: a shortlist from an inverted file over the item head vectors, then exact
-    maxsim() on it.
+    """Catalogue-scale retrieval: an inverted file over whole items, routed by MaxSim itself, then exact
+    maxsim() on the items of the cells it picks.
 
-    The query is the sum of the user's L*H heads and an item's cheap score max_k <query, item head k>: MaxSim
-    with the user heads pooled (on the trained ML-1M model its top 500 holds 99.9% of the exact top 100,
-    where one mean vector per item holds 85%: docs/serving.md). The H*N head vectors are clustered by k-means
-    into `lists` cells stored contiguously (faiss's IVF-Flat); a query scores the centroids, reads the head
-    vectors of its `nprobe` best cells, keeps the `shortlist` best distinct items and scores them exactly.
-    nprobe=lists with shortlist=N is exact MaxSim."""
+    k-means clusters the items, each item's H head vectors concatenated (H*p dims), into `lists` cells
+    (default sqrt(N)); each cell's items are stored as one contiguous head-major block (faiss's IVF-Flat
+    layout, one entry per item). A query scores every centroid, read as H head vectors, with maxsim(), takes
+    the `nprobe` best cells and scores all their items exactly: the shortlist is the probed cells, so its
+    scores are exact and only its membership is approximate. nprobe=lists is exact MaxSim. The retriever
+    keeps its own cell-ordered copy of the index. Recall and time on a 1,000,000-item catalogue:
+    docs/serving.md."""
 
-    def __init__(self, items_by_head, lists=1024, iterations=8, seed=0, sample=256):
-        self.by_head = items_by_head
+    def __init__(self, items_by_head, lists=None, iterations=8, seed=0, sample=64, chunk=16384):
         heads, n, dim = items_by_head.shape
-        vectors = items_by_head.reshape(heads * n, dim)  # row h*N + i is head h of item i
-        lists = max(1, min(lists, len(vectors)))
+        lists = max(1, min(lists or round(n ** 0.5), n))
+        item_major = lambda rows: items_by_head[:, rows].transpose(1, 0, 2).reshape(-1, heads * dim)  # noqa: E731
         rng = np.random.default_rng(seed)
-        if lists == 1:
-            cells = np.zeros(len(vectors), np.int64)
-            self.centroids = vectors.mean(0, keepdims=True)
-        else:  # k-means on a sample of `sample` points per cell, then every vector to its nearest centroid
-            train = vectors[rng.choice(len(vectors), min(len(vectors), lists * sample), replace=False)]
-            self.centroids = train[rng.choice(len(train), lists, replace=False)].copy()
-            for _ in range(iterations):
-                near = self._nearest(train)
-                sums = np.zeros_like(self.centroids)
-                np.add.at(sums, near, train)
-                counts = np.bincount(near, minlength=lists)[:, None]
-                self.centroids = np.where(counts > 0, sums / np.maximum(counts, 1), self.centroids)
-            cells = self._nearest(vectors)
-        order = np.argsort(cells, kind="stable")
-        self.offsets = np.searchsorted(cells[order], np.arange(lists + 1))
-        self.vectors = np.ascontiguousarray(vectors[order])  # cell by cell
-        self.items = (order % n).astype(np.int64)  # the item of each stored vector
+        train = item_major(np.sort(rng.choice(n, min(n, lists * sample), replace=False)))
+        self.centroids = self._seeds(train, lists, rng)
+        for _ in range(iterations if lists > 1 else 0):  # k-means on the sample
+            near = self._nearest(train)
+            sums = np.zeros_like(self.centroids)
+            np.add.at(sums, near, train)
+            counts = np.bincount(near, minlength=lists).astype(np.float32)[:, None]
+            self.centroids = np.where(counts > 0, sums / np.maximum(counts, 1), self.centroids)
+        cells = np.concatenate([self._nearest(item_major(slice(s, s + chunk))) for s in range(0, n, chunk)])
+        self.items = np.argsort(cells, kind="stable")  # the index row of each stored item, cell by cell
+        self.offsets = np.searchsorted(cells[self.items], np.arange(lists + 1))
+        self.blocks = [np.ascontiguousarray(items_by_head[:, self.items[a:b]])
+                       for a, b in zip(self.offsets[:-1], self.offsets[1:])]
+        self.by_head_centroids = head_major(self.centroids.reshape(lists, heads, dim))
 
-    def _nearest(self, points, chunk=65536):
+    @staticmethod
+    def _seeds(points, lists, rng):
+        """k-means++ seeding: each next centre drawn with probability proportional to the squared distance
+        to the nearest centre so far (random seeds merge well-separated clusters into one cell, whose mean
+        then ranks low for users who like one of them)."""
+        centres = np.empty((lists, points.shape[1]), np.float32)
+        centres[0] = points[rng.integers(len(points))]
+        norms = (points * points).sum(1)
+        nearest = np.full(len(points), np.inf, np.float32)
+        for c in range(1, lists):
+            last = centres[c - 1]
+            np.minimum(nearest, norms - 2 * (points @ last) + last @ last, out=nearest)
+            weights = np.maximum(nearest, 0)
+            centres[c] = points[rng.choice(len(points), p=weights / weights.sum()) if weights.sum() > 0
+                                else rng.integers(len(points))]
+        return centres
+
+    def _nearest(self, points):
         half_norms = (self.centroids * self.centroids).sum(1) / 2
-        return np.concatenate([np.argmax(points[s:s + chunk] @ self.centroids.T - half_norms, 1)
-                               for s in range(0, len(points), chunk)])
+        return np.argmax(points @ self.centroids.T - half_norms, 1)
 
-    def top_k(self, user, k, nprobe=32, shortlist=1000):
-        """(index rows, exact MaxSim scores) of the k best items found."""
-        query = user.reshape(-1, user.shape[-1]).sum(0)
-        cells = best_first(self.centroids @ query, nprobe)
-        positions = np.concatenate([np.arange(self.offsets[c], self.offsets[c + 1]) for c in cells])
-        hits = self.items[positions[best_first(self.vectors[positions] @ query, len(positions))]]
-        first = np.sort(np.unique(hits, return_index=True)[1])  # each item at its best head
-        rows = hits[first[:max(k, shortlist)]]
-        exact = maxsim(user, self.by_head[:, rows])
-        best = best_first(exact, k)
-        return rows[best], exact[best]
+    def probed(self, user, nprobe=16):
+        """The user's `nprobe` best non-empty cells by MaxSim against the centroids."""
+        return [c for c in best_first(maxsim(user, self.by_head_centroids), nprobe) if self.blocks[c].shape[1]]
+
+    def top_k(self, user, k, nprobe=16):
+        """(index rows, exact MaxSim scores) of the k best items in the user's `nprobe` best cells, best first."""
+        cells = self.probed(user, nprobe)
+        scores = np.concatenate([maxsim(user, self.blocks[c]) for c in cells])
+        rows = np.concatenate([self.items[self.offsets[c]:self.offsets[c + 1]] for c in cells])
+        best = best_first(scores, k)
+        return rows[best], scores[best]
 
 
 class OnnxUserTower:
