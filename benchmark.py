@@ -235,8 +235,9 @@ def torch_peer(meta, cfg):
             self.n_dense, width, layers = len(spec["dense"]), fields * dim + len(spec["dense"]), []
             for k, size in enumerate(cfg.mlp):
                 hidden = not (cfg.linear_output and k == len(cfg.mlp) - 1)
-                block = [tnn.Linear(width, size, bias=not cfg.batch_norm)]
-                block += [tnn.BatchNorm1d(size, momentum=0.1)] if cfg.batch_norm else []
+                norm = cfg.batch_norm and (hidden or cfg.output_batch_norm)
+                block = [tnn.Linear(width, size, bias=not norm)]
+                block += [tnn.BatchNorm1d(size, momentum=0.1)] if norm else []
                 block += [tnn.ReLU(), tnn.Dropout(cfg.dropout)] if hidden else []
                 layers.append(tnn.Sequential(*block))
                 width = size

@@ -63,7 +63,8 @@ class Tower(nn.Cell):
         self.attention = field_attention(se or cfg.se, self.embedding.n_fields)
         self.flat_dim = self.embedding.n_fields * cfg.embed_dim
         self.mlp_in = self.flat_dim + self.embedding.n_dense + extra_dim
-        self.mlp = MLP(self.mlp_in, cfg.mlp, cfg.dropout, cfg.batch_norm, linear_last=cfg.linear_output)
+        self.mlp = MLP(self.mlp_in, cfg.mlp, cfg.dropout, cfg.batch_norm, linear_last=cfg.linear_output,
+                       last_batch_norm=cfg.output_batch_norm)
 
     def features(self, *inputs):
         fields, dense = self.embedding(*inputs)

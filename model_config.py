@@ -122,6 +122,8 @@ class Config:
     linear_output: bool = _opt(False, "the towers' last layer (the vector that is dotted or projected into heads) "
                                       "without ReLU and Dropout (false: every layer Dense-BN-ReLU-Dropout, as "
                                       "the published code)", "model")
+    output_batch_norm: bool = _opt(True, "with --linear_output: BatchNorm on the last layer (false: Dense with a "
+                                         "bias only)", "model")
     cosine_scale: float = _opt(5.0, "interaction cosine: the initial value of the learned scale of the cosine "
                                      "(an inverse temperature)", "model")
     cir_weight: float = _opt(0.1, "weight of the contrastive CIR loss (0: off)", "model")

@@ -94,15 +94,17 @@ class BatchNorm(nn.Cell):
 class MLP(nn.Cell):
     """Dense -> BatchNorm -> ReLU -> Dropout per layer: (B, in) -> tuple of every layer's output
     (B, hidden[l]); the FE-Block reads all of them, other models the last. `linear_last`: the last layer
-    is Dense -> BatchNorm only, a linear output a dot product or CIR can use with either sign."""
+    is Dense -> BatchNorm only, a linear output a dot product or CIR can use with either sign; with
+    `last_batch_norm` False, Dense (with its bias) only."""
 
-    def __init__(self, in_dim, hidden, dropout=0.0, batch_norm=True, linear_last=False):
+    def __init__(self, in_dim, hidden, dropout=0.0, batch_norm=True, linear_last=False, last_batch_norm=True):
         super().__init__()
         layers = []
         for k, size in enumerate(hidden):
             hidden_layer = not (linear_last and k == len(hidden) - 1)
-            block = [nn.Dense(in_dim, size, has_bias=not batch_norm)]  # BatchNorm's beta is the bias
-            block += [BatchNorm(size)] if batch_norm else []
+            norm = batch_norm and (hidden_layer or last_batch_norm)
+            block = [nn.Dense(in_dim, size, has_bias=not norm)]  # BatchNorm's beta is the bias
+            block += [BatchNorm(size)] if norm else []
             block += [nn.ReLU()] if hidden_layer else []
             block += [nn.Dropout(p=dropout)] if dropout > 0 and hidden_layer else []
             layers.append(nn.SequentialCell(block))

@@ -369,6 +369,10 @@ def test_linear_output_towers_end_without_relu_and_dropout():
     kinds = [[type(c).__name__ for c in layer.cell_list] for layer in linear.user_tower.mlp.layers]
     assert "ReLU" in kinds[0] and "Dropout" in kinds[0]
     assert "ReLU" not in kinds[-1] and "Dropout" not in kinds[-1] and "BatchNorm" in kinds[-1]
+    plain = M.build_model(META, SMALL.replace(model="two_tower", linear_output=True, output_batch_norm=False))
+    last = plain.user_tower.mlp.layers[-1].cell_list
+    assert [type(c).__name__ for c in last] == ["Dense"] and last[0].has_bias  # --output_batch_norm false
+    assert "BatchNorm" in [type(c).__name__ for c in plain.user_tower.mlp.layers[0].cell_list]
 
 
 def test_dssm_scores_the_scaled_cosine_of_linear_tower_outputs():
