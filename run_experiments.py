@@ -2,6 +2,7 @@
 
     python run_experiments.py --models all --seeds 1,2,3 --protocols paper,temporal
     python run_experiments.py --models inttower --ablations --seeds 1,2,3 --protocols paper
+    python run_experiments.py --models inttower --ablations "w/o CIR" ...   # some ablations, by name
     python run_experiments.py --report                      # only rebuild the tables from finished runs
     python run_experiments.py --models all --tune lr=0.0005,0.002 --tune dropout=0.1,0.3  # pick per model on validation
 
@@ -130,7 +131,11 @@ def plan(args, protocols=None, seeds=None):
         raise UserError(f"unknown model(s) {', '.join(sorted(unknown))}; choose from {', '.join(MODELS)}")
     variants = [(m, m, {}) for m in models]
     if args.ablations:
-        variants += [("inttower", name, changes) for name, changes in ABLATIONS.items()]
+        names = list(ABLATIONS) if args.ablations in (True, "all") else args.ablations.split(",")
+        unknown = [n for n in names if n not in ABLATIONS]
+        if unknown:
+            raise UserError(f"unknown ablation(s) {', '.join(unknown)}; choose from {', '.join(ABLATIONS)}")
+        variants += [("inttower", name, ABLATIONS[name]) for name in names]
     runs = []
     for protocol in protocols or args.protocols.split(","):
         data = getattr(args, f"{protocol}_data", None)
@@ -331,7 +336,8 @@ def plot_ablation(rows, out):
 def main():
     own = argparse.ArgumentParser(add_help=False)
     own.add_argument("--models", default="inttower,two_tower")
-    own.add_argument("--ablations", action="store_true")
+    own.add_argument("--ablations", nargs="?", const="all", default="",
+                     help="all (no value), or some of them by name, comma separated (e.g. 'w/o CIR')")
     own.add_argument("--seeds", default="1,2,3")
     own.add_argument("--protocols", default="paper,temporal")
     own.add_argument("--paper_data")

@@ -101,6 +101,11 @@ def test_ablations_are_not_tuned_and_take_their_models_setting(tmp_path, monkeyp
     ablation = next(r for r in runs if r[1] == "w/o CIR")
     assert ablation[2] == "inttower" and ["--cir_weight", "0"] == ablation[5][-4:-2]
 
+    some = rx.plan(SimpleNamespace(**{**vars(args), "ablations": "w/o CIR,FE sum over heads"}))
+    assert sorted({r.variant for r in some}) == ["FE sum over heads", "inttower", "lr", "w/o CIR"]
+    with pytest.raises(UserError, match="unknown ablation"):
+        rx.plan(SimpleNamespace(**{**vars(args), "ablations": "w/o CIR,no such thing"}))
+
     # a later sweep of one model rewrites the tuning table with the rows of the earlier one kept
     trained.clear()
     (tmp_path / "runs" / "tune-lr-lr0.001").rename(tmp_path / "old")
