@@ -48,7 +48,12 @@ def main(argv=None):
     parser.add_argument("--warm_calls", type=int, default=20, help="repeats of the request for the warm latency")
     parser.add_argument("--user_tower", default="auto", choices=Scorer.USER_TOWERS,
                         help="auto: ONNX Runtime on user_tower.onnx when exported, else the MINDIR")
+    parser.add_argument("--nprobe", type=int, default=0,
+                        help="whole catalogue: 0 scores every item exactly; N > 0 only the items of the user's N best "
+                             "cells of an inverted file (large catalogues; docs/serving.md)")
     args = parser.parse_args(argv)
+    if args.nprobe < 0:
+        parser.error("--nprobe must be 0 or positive")
     if args.top_k <= 0:
         parser.error("--top_k must be positive")
     if args.warm_calls < 0:
@@ -57,7 +62,7 @@ def main(argv=None):
     if args.candidates is not None:
         candidates = [item_or_user_id(x) for x in args.candidates.split(",") if x.strip()]
     scorer = Scorer(Path(args.export_dir) if args.export_dir else Path(args.run_dir) / "export",
-                    user_tower=args.user_tower)
+                    user_tower=args.user_tower, nprobe=args.nprobe)
     if scorer.item_names is None and any(isinstance(c, str) for c in candidates or []):
         parser.error(f"--candidates expects comma-separated integers (this data set's item ids are integers), "
                      f"got {args.candidates!r}")

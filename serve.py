@@ -85,9 +85,9 @@ def parse_request(body, scorer):
 class Service:
     """The current Scorer and how to replace it; handlers read `scorer` once per request."""
 
-    def __init__(self, export_dir, user_tower="auto"):
-        self.export_dir, self.user_tower = Path(export_dir), user_tower
-        self.scorer = Scorer(self.export_dir, user_tower=user_tower)
+    def __init__(self, export_dir, user_tower="auto", nprobe=0):
+        self.export_dir, self.user_tower, self.nprobe = Path(export_dir), user_tower, nprobe
+        self.scorer = Scorer(self.export_dir, user_tower=user_tower, nprobe=nprobe)
         self.warm(self.scorer)
         self.reloads, self._reload_lock = 0, threading.Lock()
 
@@ -100,7 +100,7 @@ class Service:
         """Load the export folder again and swap it in; a failure leaves the running export serving."""
         with self._reload_lock:
             started = time.perf_counter()
-            new = Scorer(self.export_dir, user_tower=self.user_tower)
+            new = Scorer(self.export_dir, user_tower=self.user_tower, nprobe=self.nprobe)
             self.warm(new)
             self.scorer = new  # one reference assignment: each request uses the scorer it started with
             self.reloads += 1
@@ -111,6 +111,7 @@ class Service:
         s = self.scorer
         return {"status": "ok", "export_dir": str(self.export_dir), "manifest_md5": s.checksum,
                 "model": s.manifest["model"], "items": s.manifest["items"], "user_tower": s.backend,
+                "retrieval": f"ivf, nprobe {s.nprobe} of {len(s.ivf.blocks)} cells" if s.ivf else "exact",
                 "reloads": self.reloads}
 
 
@@ -186,8 +187,8 @@ def make_handler(service, max_body):
     return Handler
 
 
-def serve(export_dir, host, port, max_body, user_tower="auto", ready=None):
-    service = Service(export_dir, user_tower)
+def serve(export_dir, host, port, max_body, user_tower="auto", ready=None, nprobe=0):
+    service = Service(export_dir, user_tower, nprobe)
     server = ThreadingHTTPServer((host, port), make_handler(service, max_body))
     server.daemon_threads = True
     if threading.current_thread() is threading.main_thread():
@@ -260,7 +261,7 @@ def load_phase(port, bodies, clients, count, time_limit, reload_at=None):
             "first_failures": failures[:3]}
 
 
-def load_test(run_dir, export_dir, requests, time_limit, clients_list, top_k, candidates):
+def load_test(run_dir, export_dir, requests, time_limit, clients_list, top_k, candidates, server_args=()):
     """Start this service on a free loopback port in a child process, run one bounded load phase per number
     of concurrent clients (a reload in the middle of each), stop the child, return the figures."""
     export_dir = Path(export_dir) if export_dir else Path(run_dir) / "export"
@@ -274,7 +275,7 @@ def load_test(run_dir, export_dir, requests, time_limit, clients_list, top_k, ca
             request_["candidates"] = rng.choice(item_ids, min(candidates, len(item_ids)), replace=False).tolist()
         bodies.append(json.dumps(request_).encode())
     child = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--export_dir", str(export_dir),
-                              "--port", "0"], stdout=subprocess.PIPE, text=True)
+                              "--port", "0", *server_args], stdout=subprocess.PIPE, text=True)
     try:
         line = ""
         while not line.startswith("PORT "):  # the log lines before it
@@ -308,6 +309,9 @@ def main(argv=None):
     parser.add_argument("--max_body", type=int, default=1 << 20, help="largest request body in bytes")
     parser.add_argument("--user_tower", default="auto", choices=Scorer.USER_TOWERS,
                         help="auto: ONNX Runtime on user_tower.onnx when exported, else the MINDIR")
+    parser.add_argument("--nprobe", type=int, default=0,
+                        help="whole-catalogue requests: 0 scores every item exactly; N > 0 scores the items of the "
+                             "user's N best cells of an inverted file (for large catalogues; docs/serving.md)")
     load = parser.add_argument_group("load test (--load_test): a server child on a free loopback port")
     load.add_argument("--load_test", action="store_true", help="run the bounded load test and print JSON")
     load.add_argument("--requests", type=int, default=2000, help="requests per number of clients")
@@ -317,6 +321,8 @@ def main(argv=None):
     load.add_argument("--candidates", type=int, default=0, help="candidates per request (0: the whole catalogue)")
     args = parser.parse_args(argv)
     export_dir = Path(args.export_dir) if args.export_dir else Path(args.run_dir) / "export"
+    if args.nprobe < 0:
+        parser.error(f"--nprobe must be 0 or positive, got {args.nprobe}")
     if args.load_test:
         try:
             clients = [int(c) for c in args.clients.split(",")]
@@ -326,13 +332,13 @@ def main(argv=None):
             parser.error("--requests, --time_limit, --clients and --top_k must be positive")
         with contextlib.redirect_stdout(sys.stderr):  # progress lines to stderr: stdout is the JSON result alone
             result = load_test(args.run_dir, args.export_dir, args.requests, args.time_limit, clients, args.top_k,
-                               args.candidates)
+                               args.candidates, ["--user_tower", args.user_tower, "--nprobe", str(args.nprobe)])
         print(json.dumps(result, indent=1))
         return
     if not (0 <= args.port < 65536):
         parser.error(f"--port must be in 0..65535, got {args.port}")
     try:
-        serve(export_dir, args.host, args.port, args.max_body, args.user_tower)
+        serve(export_dir, args.host, args.port, args.max_body, args.user_tower, nprobe=args.nprobe)
     except OSError as e:
         raise UserError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e})") from None
 

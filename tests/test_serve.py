@@ -48,6 +48,7 @@ def test_health_and_score(server):
     port, service, cfg, export = server
     status, health = call(port, "GET", "/health")
     assert status == 200 and health["manifest_md5"] == service.scorer.checksum and health["user_tower"] == "onnx"
+    assert health["retrieval"] == "exact"  # serve.py --nprobe N: the two-stage path (tests/test_serving.py)
     user_id = int(service.scorer.users["key"][3])
     status, out = call(port, "POST", "/score", {"user_id": user_id, "top_k": 5})
     assert status == 200 and len(out["items"]) == 5 and out["known_user"]

@@ -133,6 +133,35 @@ def test_scorer_equals_full_model_logits(run):
 
 
 @e2e
+def test_two_stage_recommend_scores_its_cells_exactly(run):
+    """Scorer(nprobe=N): whole-catalogue requests go through the IVF (every cell: the exact top k; one cell:
+    exact scores of what it holds); requests with candidates stay exact; infer.py takes --nprobe."""
+    cfg, run_dir = run
+    exact = Scorer(run_dir / "export")
+    lists = len(Scorer(run_dir / "export", nprobe=1).ivf.blocks)
+    every, one = Scorer(run_dir / "export", nprobe=lists), Scorer(run_dir / "export", nprobe=1)
+    for user_id in (1, 5, 10**9):
+        want = exact.recommend(user_id, top_k=10)["items"]
+        got = every.recommend(user_id, top_k=10)
+        assert [i["item_id"] for i in got["items"]] == [i["item_id"] for i in want]
+        np.testing.assert_allclose([i["score"] for i in got["items"]], [i["score"] for i in want], rtol=1e-5)
+        assert got["candidates"] == exact.manifest["items"]
+        logits = exact.scores(exact.user_vector(user_id)[0])
+        for item in one.recommend(user_id, top_k=10)["items"]:
+            row = int(exact.rows([item["item_id"]])[0])
+            assert item["score"] == pytest.approx(float(logits[row]), abs=1e-4)
+    assert one.recommend(1, candidates=[1, 2], top_k=5)["candidates"] == 2  # candidates: exact scoring
+    with pytest.raises(UserError, match="nprobe"):
+        Scorer(run_dir / "export", nprobe=-1)
+    out = subprocess.run([sys.executable, "infer.py", "--run_dir", str(run_dir), "--user_id", "3", "--top_k", "2",
+                          "--nprobe", str(lists), "--warm_calls", "1"], capture_output=True, text=True, timeout=120,
+                         cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert [i["item_id"] for i in json.loads(out.stdout)["items"]] == \
+        [i["item_id"] for i in exact.recommend(3, top_k=2)["items"]]
+
+
+@e2e
 def test_unknown_ids_and_empty_candidates(run):
     cfg, run_dir = run
     scorer = Scorer(run_dir / "export")
