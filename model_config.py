@@ -119,9 +119,10 @@ class Config:
     head_dim: int = _opt(64, "FE-Block dimensions per head", "model")
     dropout: float = _opt(0.1, "dropout probability after every MLP layer", "model")
     batch_norm: bool = _opt(True, "BatchNorm after every Dense layer of the MLPs", "model")
-    linear_output: bool = _opt(False, "the towers' last layer (the vector that is dotted or projected into heads) "
-                                      "without ReLU and Dropout (false: every layer Dense-BN-ReLU-Dropout, as "
-                                      "the published code)", "model")
+    linear_output: bool = _opt(True, "the towers' last layer (the vector that is dotted or projected into heads) "
+                                     "without ReLU and Dropout, so it can take either sign (false: every layer "
+                                     "Dense-BN-ReLU-Dropout, as the published code and this project until "
+                                     "2026-12-02)", "model")
     output_batch_norm: bool = _opt(True, "with --linear_output: BatchNorm on the last layer (false: Dense with a "
                                          "bias only)", "model")
     cosine_scale: float = _opt(5.0, "interaction cosine: the initial value of the learned scale of the cosine "

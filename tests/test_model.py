@@ -356,11 +356,12 @@ def test_model_cir_takes_its_anchors_from_the_first_rows():
 
 
 def test_linear_output_towers_end_without_relu_and_dropout():
-    """--linear_output: the towers' last layer is Dense -> BatchNorm (either sign); the others keep ReLU and
-    Dropout; the default keeps today's non-negative outputs."""
+    """--linear_output (the default): the towers' last layer is Dense -> BatchNorm (either sign); the others
+    keep ReLU and Dropout; false gives the published non-negative outputs."""
     b = batch(8)
-    relu = M.build_model(META, SMALL.replace(model="two_tower", dropout=0.1))
-    linear = M.build_model(META, SMALL.replace(model="two_tower", dropout=0.1, linear_output=True))
+    relu = M.build_model(META, SMALL.replace(model="two_tower", dropout=0.1, linear_output=False))
+    linear = M.build_model(META, SMALL.replace(model="two_tower", dropout=0.1))
+    assert Config().linear_output
     for net in (relu, linear):
         net.set_train(False)
     (u0, v0, _), (u1, v1, _) = relu.forward(*inputs(b))[1], linear.forward(*inputs(b))[1]
