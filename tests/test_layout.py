@@ -51,3 +51,13 @@ def test_model_registry_is_the_one_list():
     assert run_experiments.ORDER == list(MODELS)
     assert {f.name: f.metadata["choices"] for f in dataclasses.fields(Config)}["model"] == tuple(MODELS)
     assert Config(model="two_tower").for_model().interaction == "dot"
+
+
+def test_readme_is_a_short_contract_with_the_ci_test_command():
+    """README.md stays a ModelZoo contract of at most 20 KB (evidence lives in docs/), and the test command
+    it gives is the one .ci/run runs."""
+    readme = (ROOT / "README.md").read_bytes()
+    assert len(readme) <= 20 * 1024, f"README.md is {len(readme):,} bytes: move evidence to docs/"
+    ci_command = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert ci_command == "python -m pytest -q"
+    assert b"\npython -m pytest -q  " in readme or b"\npython -m pytest -q\n" in readme
