@@ -649,7 +649,7 @@ def serving_batched(scorer, user, users, r, n=10_000):
     return batched
 
 
-def serving_catalogue(scorer, user, users, floor, catalogue, noises=(0.3, 1.0), probes=(2, 4, 8, 16, 32)):
+def serving_catalogue(scorer, user, users, floor, catalogue, noises=(0.3, 1.0), probes=(4, 8, 16, 32, 64, 128)):
     """Two-stage retrieval (IVFRetriever: item cells routed by MaxSim, exact MaxSim on the probed cells) over
     `catalogue` items: the real item vectors resampled with Gaussian noise of `noise` times each coordinate's
     spread (0.3: items near the real ones; 1.0: twice as far apart as the real items spread, a catalogue

@@ -31,27 +31,38 @@ def head_major(items):
     return np.ascontiguousarray(np.asarray(items, np.float32).transpose(1, 0, 2))
 
 
-def maxsim_buffers(user, items_by_head):
+MAXSIM_BLOCK = 32768  # items per block: the (block, L*H) buffers stay in cache (docs/serving.md)
+
+
+def maxsim_buffers(user, items_by_head, block=MAXSIM_BLOCK):
     heads, n, dim = items_by_head.shape
-    return np.empty((heads * n, user.size // dim), np.float32), np.empty((n, user.size // dim), np.float32)
+    rows = max(1, min(n, block))
+    return np.empty((rows, user.size // dim), np.float32), np.empty((rows, user.size // dim), np.float32)
 
 
-def maxsim(user, items_by_head, out=None):
+def maxsim(user, items_by_head, out=None, block=MAXSIM_BLOCK):
     """FE-Block score of one user (L, H, p) against N items stored head-major, (H, N, p) -> (N,): the sum
     over the user's L*H heads of the max over each item's H heads of the dot product.
 
-    One BLAS call for all dot products ((H*N, p) x (p, L*H)); head-major storage makes the max over
-    item heads a running maximum of contiguous (N, L*H) slabs, and the sum a matrix-vector product.
-    `out` may hold preallocated buffers (dots (H*N, L*H), best (N, L*H)) for repeated calls."""
+    Block by block of `block` items: one BLAS call per item head ((block, p) x (p, L*H), a contiguous slab of
+    the head-major index), a running maximum over the heads and a matrix-vector product for the sum, so the
+    dot products never leave the cache; only the index is read from memory. `out` may hold preallocated
+    buffers (maxsim_buffers) for repeated calls."""
     heads, n, dim = items_by_head.shape
-    dots, best = out if out is not None else maxsim_buffers(user, items_by_head)
-    user = user.reshape(-1, dim)
-    np.matmul(items_by_head.reshape(heads * n, dim), user.T, out=dots)
-    dots = dots.reshape(heads, n, -1)
-    np.maximum(dots[0], dots[1 % heads], out=best)
-    for k in range(2, heads):
-        np.maximum(best, dots[k], out=best)
-    return best @ np.ones(len(user), np.float32)
+    dots, best = out if out is not None else maxsim_buffers(user, items_by_head, block)
+    block = len(best)
+    user = np.ascontiguousarray(user.reshape(-1, dim).T)
+    ones = np.ones(user.shape[1], np.float32)
+    result = np.empty(n, np.float32)
+    for start in range(0, n, block):
+        stop = min(n, start + block)
+        d, b = dots[:stop - start], best[:stop - start]
+        np.matmul(items_by_head[0, start:stop], user, out=b)
+        for k in range(1, heads):
+            np.matmul(items_by_head[k, start:stop], user, out=d)
+            np.maximum(b, d, out=b)
+        np.matmul(b, ones, out=result[start:stop])
+    return result
 
 
 def maxsim_batch(users, items_by_head):
@@ -65,10 +76,25 @@ def maxsim_batch(users, items_by_head):
 
 
 def best_first(scores, k):
-    """Positions of the k best scores, best first (stable among ties)."""
-    k = min(k, len(scores))
-    best = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
-    return best[np.argsort(-scores[best], kind="stable")]
+    """Positions of the k best scores, best first (stable among ties).
+
+    Over large arrays, a threshold from a strided sample first keeps the few scores that can be in the top k
+    (about 2k + 8 * len/4096 of them), so the selection runs on those only: exact, as the candidates are
+    checked to hold at least k scores (else the whole array is used); 0.63 -> 0.04 ms for the top 100 of
+    100,000 on this machine (docs/serving.md)."""
+    n = len(scores)
+    k = min(k, n)
+    if k <= 0:
+        return np.empty(0, np.int64)
+    if n > 20_000 and 4 * k < n:
+        step = n // 4096
+        sample = np.sort(scores[::step])
+        candidates = np.flatnonzero(scores >= sample[max(0, len(sample) - 2 * k // step - 8)])
+        if len(candidates) >= k:
+            best = np.sort(candidates[np.argpartition(scores[candidates], len(candidates) - k)[len(candidates) - k:]])
+            return best[np.argsort(-scores[best], kind="stable")]
+    best = np.sort(np.argpartition(-scores, k - 1)[:k]) if k < n else np.arange(n)
+    return best[np.argsort(-scores[best], kind="stable")]  # positions sorted first: ties in index order
 
 
 class CompressedIndex:

@@ -28,6 +28,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_info, threadpool_limits
 
 from model_config import Parser
 from scorer import Scorer
@@ -112,6 +113,7 @@ class Service:
         return {"status": "ok", "export_dir": str(self.export_dir), "manifest_md5": s.checksum,
                 "model": s.manifest["model"], "items": s.manifest["items"], "user_tower": s.backend,
                 "retrieval": f"ivf, nprobe {s.nprobe} of {len(s.ivf.blocks)} cells" if s.ivf else "exact",
+                "blas_threads": next((i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"), None),
                 "reloads": self.reloads}
 
 
@@ -283,14 +285,14 @@ def load_test(run_dir, export_dir, requests, time_limit, clients_list, top_k, ca
             if not line:
                 raise UserError(f"the server did not start (exit status {child.wait(timeout=30)})")
         port = int(line.split()[1])
-        request(http.client.HTTPConnection("127.0.0.1", port, timeout=30), "GET", "/health")
+        health = json.loads(request(http.client.HTTPConnection("127.0.0.1", port, timeout=30), "GET", "/health")[1])
         load_phase(port, bodies, 1, 50, time_limit)  # untimed warm-up of the connections and threads
         phases = []
         for clients in clients_list:
             phases.append(load_phase(port, bodies, clients, requests, time_limit, reload_at=requests // 2))
             say(json.dumps(phases[-1]))
         return {"what": "load", "export_dir": str(export_dir), "requests_per_phase": requests, "top_k": top_k,
-                "candidates": candidates or "whole catalogue", "phases": phases}
+                "candidates": candidates or "whole catalogue", "server": health, "phases": phases}
     finally:
         child.terminate()
         try:
@@ -312,6 +314,9 @@ def main(argv=None):
     parser.add_argument("--nprobe", type=int, default=0,
                         help="whole-catalogue requests: 0 scores every item exactly; N > 0 scores the items of the "
                              "user's N best cells of an inverted file (for large catalogues; docs/serving.md)")
+    parser.add_argument("--blas_threads", type=int, default=1,
+                        help="BLAS threads per scoring call (default 1: concurrent requests share the cores, "
+                             "measured best under load; 0: the library's default, all cores for one request)")
     load = parser.add_argument_group("load test (--load_test): a server child on a free loopback port")
     load.add_argument("--load_test", action="store_true", help="run the bounded load test and print JSON")
     load.add_argument("--requests", type=int, default=2000, help="requests per number of clients")
@@ -323,6 +328,8 @@ def main(argv=None):
     export_dir = Path(args.export_dir) if args.export_dir else Path(args.run_dir) / "export"
     if args.nprobe < 0:
         parser.error(f"--nprobe must be 0 or positive, got {args.nprobe}")
+    if args.blas_threads < 0:
+        parser.error(f"--blas_threads must be 0 or positive, got {args.blas_threads}")
     if args.load_test:
         try:
             clients = [int(c) for c in args.clients.split(",")]
@@ -332,11 +339,14 @@ def main(argv=None):
             parser.error("--requests, --time_limit, --clients and --top_k must be positive")
         with contextlib.redirect_stdout(sys.stderr):  # progress lines to stderr: stdout is the JSON result alone
             result = load_test(args.run_dir, args.export_dir, args.requests, args.time_limit, clients, args.top_k,
-                               args.candidates, ["--user_tower", args.user_tower, "--nprobe", str(args.nprobe)])
+                               args.candidates, ["--user_tower", args.user_tower, "--nprobe", str(args.nprobe),
+                                                 "--blas_threads", str(args.blas_threads)])
         print(json.dumps(result, indent=1))
         return
     if not (0 <= args.port < 65536):
         parser.error(f"--port must be in 0..65535, got {args.port}")
+    if args.blas_threads:  # process-wide, so only here: the command, not serve() that tests call in-process
+        threadpool_limits(args.blas_threads, user_api="blas")
     try:
         serve(export_dir, args.host, args.port, args.max_body, args.user_tower, nprobe=args.nprobe)
     except OSError as e:

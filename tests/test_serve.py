@@ -105,3 +105,20 @@ def test_reload_under_load_fails_no_request(server):
     status, health = call(port, "GET", "/health")
     assert health["manifest_md5"] == result["reload"]["manifest_md5"] and health["reloads"] >= 1
     assert service.scorer.manifest["last_layer_only"]
+
+
+def test_load_test_command_with_ivf_and_one_blas_thread(server):
+    """serve.py --load_test: a bounded run against a server child started with the given options (here the
+    two-stage path and one BLAS thread, both reported by the child's /health), no failed request."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    port, service, cfg, export = server
+    out = subprocess.run([sys.executable, "serve.py", "--export_dir", str(export), "--load_test", "--requests", "20",
+                          "--clients", "1,2", "--time_limit", "30", "--nprobe", "2", "--blas_threads", "1"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["server"]["blas_threads"] == 1 and result["server"]["retrieval"].startswith("ivf, nprobe 2 of")
+    assert [p["clients"] for p in result["phases"]] == [1, 2]
+    assert all(p["failed"] == 0 and p["requests"] == 20 for p in result["phases"])

@@ -87,6 +87,24 @@ def test_ivf_recall_on_generated_catalogue():
     assert flat.top_k(user, 10, nprobe=1)[0].tolist() == best_first(exact, 10).tolist()
 
 
+@pytest.mark.parametrize("n", [10, 5_000, 100_000])
+def test_best_first_is_the_exact_top_k(n):
+    rng = np.random.default_rng(n)
+    for scores in (rng.normal(size=n).astype(np.float32),                 # distinct
+                   rng.integers(0, 50, n).astype(np.float32),              # many ties
+                   np.sort(rng.normal(size=n)).astype(np.float32)):        # the best at the end (the sample's edge)
+        for k in (1, 7, 100, n):
+            got = best_first(scores, k)
+            want = np.argsort(-scores, kind="stable")[:k]
+            np.testing.assert_array_equal(scores[got], scores[want])  # the same values, best first
+            assert len(set(got.tolist())) == len(got)
+            if len(np.unique(scores)) == n:
+                np.testing.assert_array_equal(got, want)
+            ties = scores[got][1:] == scores[got][:-1]
+            assert (np.diff(got)[ties] > 0).all()  # equal scores in index order
+    assert best_first(scores, 0).size == 0
+
+
 def test_maxsim_equals_loops():
     rng = np.random.default_rng(0)
     user, items = rng.normal(size=(3, 2, 4)), rng.normal(size=(5, 2, 4))
@@ -94,6 +112,9 @@ def test_maxsim_equals_loops():
              for n in range(5)]
     np.testing.assert_allclose(maxsim(user.astype(np.float32), items.transpose(1, 0, 2).astype(np.float32)), loops,
                                rtol=1e-5)
+    for block in (1, 2, 3):  # blocks of items, the last one partial
+        np.testing.assert_allclose(maxsim(user.astype(np.float32), items.transpose(1, 0, 2).astype(np.float32),
+                                          block=block), loops, rtol=1e-5)
 
 
 @e2e
