@@ -4,8 +4,9 @@
     Scorer("runs/RUN/export").recommend(user_id=1, top_k=10)
 
 Used by infer.py (one request from the command line), serve.py (the HTTP service), benchmark.py and
-run_experiments.py (latency). The FE score of one user against N items is one matrix product over the
-contiguous index (N*H x p by p x L*H), a max over item heads and a sum. Unknown users and items take the
+run_experiments.py (latency). The FE score of one user against N items: per block of items, one matrix
+product per item head over the contiguous head-major index ((block x p) by (p x L*H)), a running max over
+the item heads and a sum (maxsim). Unknown users and items take the
 out-of-vocabulary path (id 0, prior statistics) instead of failing.
 
 The user tower runs through ONNX Runtime on the export's batch-1 user_tower.onnx when it is there (about
