@@ -52,8 +52,6 @@ def main(argv=None):
                         help="whole catalogue: 0 scores every item exactly; N > 0 only the items of the user's N best "
                              "cells of an inverted file (large catalogues; docs/serving.md)")
     args = parser.parse_args(argv)
-    if args.nprobe < 0:
-        parser.error("--nprobe must be 0 or positive")
     if args.top_k <= 0:
         parser.error("--top_k must be positive")
     if args.warm_calls < 0:

@@ -87,14 +87,16 @@ def best_first(scores, k):
     k = min(k, n)
     if k <= 0:
         return np.empty(0, np.int64)
+    candidates, values = None, scores  # None: every position
     if n > 20_000 and 4 * k < n:
         step = n // 4096
         sample = np.sort(scores[::step])
-        candidates = np.flatnonzero(scores >= sample[max(0, len(sample) - 2 * k // step - 8)])
-        if len(candidates) >= k:
-            best = np.sort(candidates[np.argpartition(scores[candidates], len(candidates) - k)[len(candidates) - k:]])
-            return best[np.argsort(-scores[best], kind="stable")]
-    best = np.sort(np.argpartition(-scores, k - 1)[:k]) if k < n else np.arange(n)
+        above = np.flatnonzero(scores >= sample[max(0, len(sample) - 2 * k // step - 8)])
+        if len(above) >= k:
+            candidates, values = above, scores[above]
+    m = len(values)
+    best = np.argpartition(values, m - k)[m - k:] if k < m else np.arange(m)
+    best = np.sort(best if candidates is None else candidates[best])
     return best[np.argsort(-scores[best], kind="stable")]  # positions sorted first: ties in index order
 
 
@@ -264,6 +266,8 @@ class Scorer:
         import mindspore as ms
         import pandas as pd
         from mindspore import nn
+        if nprobe < 0:
+            raise UserError(f"nprobe must be 0 (exact scoring) or positive, got {nprobe}")
         if user_tower not in self.USER_TOWERS:
             raise UserError(f"unknown user tower backend {user_tower!r}; choose one of {', '.join(self.USER_TOWERS)}")
         self.dir = Path(export_dir)
@@ -319,8 +323,6 @@ class Scorer:
         self.bias = m["score_bias"]
         self.prior = m["prior"]  # the training positive rate: dense features of users without history
         self.checksum = md5_file(self.dir / "manifest.json")
-        if nprobe < 0:
-            raise UserError(f"nprobe must be 0 (exact scoring) or positive, got {nprobe}")
         self.nprobe = nprobe  # a dot-product index is MaxSim with one head on each side
         self.ivf = IVFRetriever(self.by_head[:, :-1] if self.fe else self.index[None, :-1]) if nprobe else None
 

@@ -168,7 +168,11 @@ def test_two_stage_recommend_scores_its_cells_exactly(run):
         np.testing.assert_allclose([i["score"] for i in got["items"]], [i["score"] for i in want], rtol=1e-5)
         assert got["candidates"] == exact.manifest["items"]
         logits = exact.scores(exact.user_vector(user_id)[0])
-        for item in one.recommend(user_id, top_k=10)["items"]:
+        cell = one.ivf.probed(one.user_vector(user_id)[0], 1)[0]
+        in_cell = set(one.item_ids[one.ivf.items[one.ivf.offsets[cell]:one.ivf.offsets[cell + 1]]].tolist())
+        picked = one.recommend(user_id, top_k=10)["items"]
+        assert {i["item_id"] for i in picked} <= in_cell  # only the probed cell's items
+        for item in picked:
             row = int(exact.rows([item["item_id"]])[0])
             assert item["score"] == pytest.approx(float(logits[row]), abs=1e-4)
     assert one.recommend(1, candidates=[1, 2], top_k=5)["candidates"] == 2  # candidates: exact scoring
