@@ -7,6 +7,7 @@ Nothing here knows MovieLens: field names, vocabulary sizes and input arrays com
 import math
 
 import mindspore as ms
+import numpy as np
 from mindspore import nn, ops
 
 from get_dataset import id_field
@@ -132,9 +133,14 @@ class IntTower(RecModel):
         self.has_aux = self.cir_weight > 0
         self.cir = CIRLoss(cfg.cir_tau, cfg.cir_mask_same_item)
         self.cir_anchors = cfg.cir_anchors
-        if cfg.cir_mask_same_item and not meta["towers"]["item"]["sparse"]:
-            raise UserError("--cir_mask_same_item needs an item id field (a categorical field of the item tower)")
-        self.item_id = id_field(meta["towers"], "item") if cfg.cir_mask_same_item else None
+        for key in ("cir_mask_same_item", "cir_logq"):
+            if getattr(cfg, key) and not meta["towers"]["item"]["sparse"]:
+                raise UserError(f"--{key} needs an item id field (a categorical field of the item tower)")
+        self.item_id = id_field(meta["towers"], "item") if cfg.cir_mask_same_item or cfg.cir_logq else None
+        # --cir_logq: log of each item id's share of the training rows (set_item_counts; uniform until then)
+        self.cir_log_q = ms.Parameter(ops.zeros(meta["towers"]["item"]["sparse"][self.item_id]["vocab_size"],
+                                                ms.float32), name="cir_log_q", requires_grad=False) \
+            if cfg.cir_logq else None
 
     def _user(self, inputs):
         layers = self.user_tower(*inputs)
@@ -178,11 +184,19 @@ class IntTower(RecModel):
     def aux_loss(self, extras, labels):
         """CIR between the towers' last layers (the representations every interaction reads), with the
         first `cir_anchors` rows of the batch as anchors (0: all rows) against all of its items (whose
-        ids tell CIR which negatives are the anchor's own item: --cir_mask_same_item)."""
+        ids tell CIR which negatives are the anchor's own item, --cir_mask_same_item, and their sampling
+        probability, --cir_logq)."""
         user, item, item_ids = extras
+        log_q = ops.gather(self.cir_log_q, item_ids, 0) if self.cir_log_q is not None else None
         if self.cir_anchors:
-            return self.cir_weight * self.cir(user[:self.cir_anchors], item, labels[:self.cir_anchors], item_ids)
-        return self.cir_weight * self.cir(user, item, labels, item_ids)
+            return self.cir_weight * self.cir(user[:self.cir_anchors], item, labels[:self.cir_anchors], item_ids, log_q)
+        return self.cir_weight * self.cir(user, item, labels, item_ids, log_q)
+
+    def set_item_counts(self, counts):
+        """--cir_logq: the training rows of each item id (length: the id field's vocabulary) -> the log of each
+        item's share, add-one smoothed (an item never seen in training is still a possible negative)."""
+        counts = np.asarray(counts, np.float64) + 1.0
+        self.cir_log_q.set_data(ms.Tensor(np.log(counts / counts.sum()), ms.float32))
 
 
 class DAT(RecModel):

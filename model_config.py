@@ -133,6 +133,8 @@ class Config:
                             "model")
     cir_mask_same_item: bool = _opt(False, "CIR: leave out of an anchor's softmax the in-batch rows of its own item "
                                            "(false: they count as negatives, as in the published code)", "model")
+    cir_logq: bool = _opt(False, "CIR: subtract from each in-batch item's logit the log of its share of the training "
+                                 "rows (log-Q correction: in-batch negatives are drawn by popularity)", "model")
     dat_weight: float = _opt(0.5, "DAT: weight of the adaptive-mimic loss", "model")
     cross_layers: int = _opt(3, "DCN: number of cross layers", "model")
     attention_layers: int = _opt(3, "AutoInt: number of self-attention layers", "model")

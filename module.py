@@ -184,16 +184,21 @@ class CIRLoss(nn.Cell):
     the clicked rows, exactly 0 without any. `user` may hold only the first K rows (anchors) of the
     batch: (K, d) against (B, d) items. With `mask_same_item`, a row j != i whose item id equals row i's
     is left out of row i's softmax: it is the anchor's own item, not a negative (on MovieLens most clicked
-    anchors have their item elsewhere in a 2,048-row batch). Log-sum-exp with the max subtracted (stable)."""
+    anchors have their item elsewhere in a 2,048-row batch). `log_q` (B,), the log of each batch row's item
+    sampling probability (its share of the training rows), is subtracted from that item's logit in every row,
+    the positive's included: the sampling-bias (log-Q) correction of in-batch negatives, which are drawn by
+    popularity (Yi et al., RecSys 2019). Log-sum-exp with the max subtracted (stable)."""
 
     def __init__(self, tau=0.2, mask_same_item=False, eps=1e-12):
         super().__init__()
         self.tau, self.mask_same_item, self.eps = tau, mask_same_item, eps
         self.matmul_t = ops.MatMul(transpose_b=True)
 
-    def construct(self, user, item, labels, item_ids=None):
+    def construct(self, user, item, labels, item_ids=None, log_q=None):
         u, v = unit(user, self.eps) * (1.0 / self.tau), unit(item, self.eps)
         logits = self.matmul_t(u, v)  # (K, B) cos / tau
+        if log_q is not None:
+            logits = logits - log_q.reshape((1, -1))
         if self.mask_same_item:
             k, n = u.shape[0], v.shape[0]
             same = ops.equal(item_ids[:k].reshape((-1, 1)), item_ids.reshape((1, -1))).astype(logits.dtype)
@@ -201,6 +206,8 @@ class CIRLoss(nn.Cell):
         top = ops.stop_gradient(logits.max(axis=1, keepdims=True))
         log_norm = ops.log(ops.exp(logits - top).sum(1)) + top.squeeze(1)
         positive = (u * v[:u.shape[0]]).sum(-1)  # user i's own item is row i
+        if log_q is not None:
+            positive = positive - log_q[:u.shape[0]]
         return ((log_norm - positive) * labels).sum() / ops.maximum(labels.sum(), 1.0)
 
 

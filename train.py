@@ -156,6 +156,9 @@ class Trainer:
         if world.is_main:
             say(f"config: {config_summary(cfg)}")
         self.model = build_model(meta, cfg)
+        if getattr(self.model, "cir_log_q", None) is not None:  # --cir_logq: item shares of all training rows
+            ids = data.arrays("train")["item_sparse"][:, self.model.item_id]
+            self.model.set_item_counts(np.bincount(ids, minlength=self.model.cir_log_q.shape[0]))
         self.step = train_step(self.model, cfg)
         self.state = {"epoch": 0, "step": 0, "best_auc": -1.0, "best_epoch": 0, "bad_epochs": 0, "seconds": 0.0}
         if cfg.resume and (self.run_dir / "last.ckpt").exists():

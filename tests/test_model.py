@@ -207,6 +207,41 @@ def test_model_cir_masks_by_the_item_id_column():
     np.testing.assert_allclose(net.aux_loss((u, v, ids), y).asnumpy(), expected, rtol=1e-6)
 
 
+def test_cir_logq_subtracts_each_items_log_share_from_its_logit():
+    """--cir_logq: logit(i, j) - log q_j for every in-batch item j, the positive included (numpy reference)."""
+    u = RNG.normal(size=(6, 4)).astype(np.float32)
+    v = RNG.normal(size=(6, 4)).astype(np.float32)
+    y = np.array([1, 1, 0, 1, 1, 1], np.float32)
+    ids = np.array([7, 3, 7, 5, 3, 7], np.int32)
+    log_q = np.log(np.array([0.5, 0.1, 0.5, 0.05, 0.1, 0.5], np.float32))  # the rows' items' shares
+    un, vn = u / np.linalg.norm(u, axis=1, keepdims=True), v / np.linalg.norm(v, axis=1, keepdims=True)
+    for mask in (False, True):
+        logits = un[:4] @ vn.T / 0.3 - log_q[None, :]
+        keep = (ids[:4, None] != ids[None, :]) | np.eye(4, 6, dtype=bool) if mask else np.ones((4, 6), bool)
+        per_row = np.log((np.exp(logits) * keep).sum(1)) - np.diag(logits[:, :4])
+        expected = (per_row * y[:4]).sum() / y[:4].sum()
+        got = CIRLoss(0.3, mask_same_item=mask)(T(u[:4]), T(v), T(y[:4]), T(ids), T(log_q)).asnumpy()
+        np.testing.assert_allclose(got, expected, rtol=1e-5)
+        plain = CIRLoss(0.3, mask_same_item=mask)(T(u[:4]), T(v), T(y[:4]), T(ids)).asnumpy()
+        assert abs(plain - got) > 1e-3  # the correction changes the loss: the test can tell it is applied
+
+
+def test_model_cir_logq_gathers_the_log_shares_of_the_item_ids():
+    net = M.build_model(META, SMALL.replace(cir_logq=True, cir_anchors=3))
+    counts = np.array([0, 5, 1, 2, 0, 9, 3, 0, 4])  # rows per movie_id (vocabulary 9)
+    net.set_item_counts(counts)
+    shares = (counts + 1) / (counts + 1).sum()
+    np.testing.assert_allclose(np.exp(net.cir_log_q.asnumpy()), shares, rtol=1e-6)
+    net.set_train(False)
+    b = batch(8)
+    b["item_sparse"][:, 0] = [1, 2, 1, 3, 5, 4, 6, 8]
+    _, (u, v, ids) = net.forward(*inputs(b))
+    y = T(b["label"])
+    log_q = T(np.log(shares[b["item_sparse"][:, 0]]).astype(np.float32))
+    expected = SMALL.cir_weight * CIRLoss(SMALL.cir_tau)(u[:3], v, y[:3], ids, log_q).asnumpy()
+    np.testing.assert_allclose(net.aux_loss((u, v, ids), y).asnumpy(), expected, rtol=1e-5)
+
+
 # ---------------------------------------------------------------- models from meta.json
 
 META = {

@@ -334,3 +334,17 @@ def test_ranking_ks_in_train_metrics_and_eval(tiny_cfg):
     for name in ("recall@5", "recall@20", "ndcg@5", "ndcg@20"):
         assert 0 <= metrics["test"][name] <= 1 and report[name] == pytest.approx(metrics["test"][name])
     assert metrics["test"]["users_ranked"] == report["users_ranked"] > 0
+
+
+def test_cir_logq_item_shares_come_from_the_training_rows(tiny_cfg):
+    """--cir_logq: train.py sets the model's log item shares from every training row (kept in the checkpoint)."""
+    import mindspore as ms
+    from get_dataset import id_field, load_dataset
+    cfg = tiny_cfg.replace(run_dir=str(Path(tiny_cfg.output_dir) / "logq"), epochs=1, cir_logq=True)
+    train.train(cfg)
+    data = load_dataset(cfg, quiet=True)
+    ids = data.arrays("train")["item_sparse"][:, id_field(data.meta["towers"], "item")]
+    counts = np.bincount(ids, minlength=data.meta["towers"]["item"]["sparse"][0]["vocab_size"]) + 1.0
+    params = ms.load_checkpoint(str(Path(cfg.run_dir) / "last.ckpt"))
+    [saved] = [p.asnumpy() for name, p in params.items() if name.endswith("cir_log_q")]
+    np.testing.assert_allclose(saved, np.log(counts / counts.sum()), rtol=1e-5)
