@@ -45,6 +45,7 @@ ABLATIONS = {  # the paper's Figure 6(a): IntTower with one module removed or re
     "FE sum over heads": {"fe_mean": "false"},  # the paper's formula, against our mean over the user heads
     "FE on layer inputs": {"fe_layers": "inputs"},  # what the published code projects, against layer outputs
     "CIR with log-Q": {"cir_logq": "true"},  # CIR's in-batch negatives corrected for item popularity
+    "CIR unmasked": {"cir_mask_same_item": "false"},  # the anchor's own item elsewhere in the batch a negative
 }
 ORDER = list(MODELS)  # the registry's order: pre-ranking models, then ranking models
 IGNORED = keys_of("source", "run")  # where the data is and how a run ran: no reason to train a finished run again
