@@ -136,3 +136,21 @@ def test_ranking_table_lists_every_measured_k_in_order():
     assert lines[3] == "| model | seeds | ndcg@10 | recall@10 | recall@200 |"
     assert lines[5] == "| inttower | 2 | 0.3000 ± 0.1414 | 0.2000 ± 0.1414 | 0.6000 ± 0.1414 |"
     assert len(lines) == 6 and rx.ranking_table({"two_tower": [{"seed": 1}]}) == []
+
+
+def test_report_from_json_only_runs_marks_latency_unmeasured(tmp_path):
+    """A fresh clone holds a sweep's JSON files, not its checkpoints: the tables are written, latency '-'."""
+    out = tmp_path / "results"
+    for seed, auc in ((1, 0.85), (2, 0.86)):
+        run = out / "runs" / f"two_tower-temporal-seed{seed}"
+        run.mkdir(parents=True)
+        (run / "config.json").write_text(json.dumps({"model": "two_tower"}))
+        (run / "experiment.json").write_text(json.dumps({"variant": "two_tower", "model": "two_tower"}))
+        (run / "metrics.json").write_text(json.dumps({
+            "protocol": "temporal", "dataset": "ml-1m", "seed": seed, "val_auc": auc, "best_epoch": 3,
+            "parameters": 10, "train_seconds": 1.0, "decoupled": True,
+            "test": {"auc": auc, "logloss": 0.4, "gauc": 0.8, "rows": 100}}))
+    assert rx.scoring_latency(sorted((out / "runs").iterdir())) is None
+    rx.report(out)
+    table = (out / "temporal.md").read_text()
+    assert "| two_tower | 2 | 0.8550 ± 0.0071 |" in table and table.split("\n")[4].endswith("| 3, 3 | - |")
