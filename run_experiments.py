@@ -274,7 +274,7 @@ def report(out, latency=True):
                          f"{statistics.mean(r['train_seconds'] for r in g):.0f} | "
                          f"{', '.join(str(r['best_epoch']) for r in sorted(g, key=lambda r: r['seed']))} | {lat} |")
         lines += ["", "ms / 10k candidates: MaxSim or dot product of one user against 10,000 indexed items, measured "
-                  "on an exported run of the variant (-: coupled, or no checkpoint of it in this checkout)."]
+                  "on an exported run of the variant (-: coupled, --no_latency, or no checkpoint of it in this checkout)."]
         lines += paired_differences(groups) + ranking_table(groups)
         (out / f"{protocol}.md").write_text("\n".join(lines) + "\n")
         say(f"written {out / f'{protocol}.md'}")
