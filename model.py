@@ -133,14 +133,14 @@ class IntTower(RecModel):
         self.has_aux = self.cir_weight > 0
         self.cir = CIRLoss(cfg.cir_tau, cfg.cir_mask_same_item)
         self.cir_anchors = cfg.cir_anchors
-        for key in ("cir_mask_same_item", "cir_logq"):
-            if getattr(cfg, key) and not meta["towers"]["item"]["sparse"]:
-                raise UserError(f"--{key} needs an item id field (a categorical field of the item tower)")
-        self.item_id = id_field(meta["towers"], "item") if cfg.cir_mask_same_item or cfg.cir_logq else None
-        # --cir_logq: log of each item id's share of the training rows (set_item_counts; uniform until then)
-        self.cir_log_q = ms.Parameter(ops.zeros(meta["towers"]["item"]["sparse"][self.item_id]["vocab_size"],
-                                                ms.float32), name="cir_log_q", requires_grad=False) \
-            if cfg.cir_logq else None
+        needs_ids = [f"--{key}" for key in ("cir_mask_same_item", "cir_logq") if getattr(cfg, key)]
+        if needs_ids and not meta["towers"]["item"]["sparse"]:
+            raise UserError(f"{' and '.join(needs_ids)}: the item tower has no id field (no categorical field)")
+        self.item_id = id_field(meta["towers"], "item") if needs_ids else None
+        self.cir_log_q = None  # --cir_logq: log of each item id's share of the training rows (set_item_counts)
+        if cfg.cir_logq:
+            vocab = meta["towers"]["item"]["sparse"][self.item_id]["vocab_size"]
+            self.cir_log_q = ms.Parameter(ops.zeros(vocab, ms.float32), name="cir_log_q", requires_grad=False)
 
     def _user(self, inputs):
         layers = self.user_tower(*inputs)

@@ -178,17 +178,24 @@ def test_cir_zero_without_positives_and_finite_gradient():
     assert np.isfinite(cir(T(big), T(v), T(np.ones(6, np.float32))).asnumpy())
 
 
+def cir_reference(u, v, y, ids, tau, mask=False, log_q=None):
+    """CIR in numpy: K = len(u) anchors (the first rows) against all items; same-item rows out of an anchor's
+    softmax with `mask`; log q_j subtracted from every logit of item j, the positive's included."""
+    k = len(u)
+    un, vn = u / np.linalg.norm(u, axis=1, keepdims=True), v / np.linalg.norm(v, axis=1, keepdims=True)
+    logits = un @ vn.T / tau - (0 if log_q is None else log_q[None, :])
+    keep = (ids[:k, None] != ids[None, :]) | np.eye(k, len(v), dtype=bool) if mask else np.ones(logits.shape, bool)
+    per_row = np.log((np.exp(logits) * keep).sum(1)) - np.diag(logits[:, :k])
+    return (per_row * y).sum() / y.sum()
+
+
 def test_cir_masks_the_anchors_own_item_elsewhere_in_the_batch():
     """--cir_mask_same_item: row j != i with row i's item id is left out of row i's softmax, nothing else."""
     u = RNG.normal(size=(6, 4)).astype(np.float32)
     v = RNG.normal(size=(6, 4)).astype(np.float32)
     y = np.array([1, 1, 0, 1, 1, 1], np.float32)
     ids = np.array([7, 3, 7, 5, 3, 7], np.int32)  # rows 0, 2, 5 share an item; rows 1, 4 too
-    un, vn = u / np.linalg.norm(u, axis=1, keepdims=True), v / np.linalg.norm(v, axis=1, keepdims=True)
-    logits = un[:4] @ vn.T / 0.3  # 4 anchors against all 6 items
-    keep = (ids[:4, None] != ids[None, :]) | np.eye(4, 6, dtype=bool)
-    per_row = np.log((np.exp(logits) * keep).sum(1)) - np.diag(logits[:, :4])
-    expected = (per_row * y[:4]).sum() / y[:4].sum()
+    expected = cir_reference(u[:4], v, y[:4], ids, 0.3, mask=True)  # 4 anchors against all 6 items
     masked = CIRLoss(0.3, mask_same_item=True)(T(u[:4]), T(v), T(y[:4]), T(ids)).asnumpy()
     np.testing.assert_allclose(masked, expected, rtol=1e-5)
     unmasked = CIRLoss(0.3)(T(u[:4]), T(v), T(y[:4]), T(ids)).asnumpy()
@@ -214,12 +221,8 @@ def test_cir_logq_subtracts_each_items_log_share_from_its_logit():
     y = np.array([1, 1, 0, 1, 1, 1], np.float32)
     ids = np.array([7, 3, 7, 5, 3, 7], np.int32)
     log_q = np.log(np.array([0.5, 0.1, 0.5, 0.05, 0.1, 0.5], np.float32))  # the rows' items' shares
-    un, vn = u / np.linalg.norm(u, axis=1, keepdims=True), v / np.linalg.norm(v, axis=1, keepdims=True)
     for mask in (False, True):
-        logits = un[:4] @ vn.T / 0.3 - log_q[None, :]
-        keep = (ids[:4, None] != ids[None, :]) | np.eye(4, 6, dtype=bool) if mask else np.ones((4, 6), bool)
-        per_row = np.log((np.exp(logits) * keep).sum(1)) - np.diag(logits[:, :4])
-        expected = (per_row * y[:4]).sum() / y[:4].sum()
+        expected = cir_reference(u[:4], v, y[:4], ids, 0.3, mask, log_q)
         got = CIRLoss(0.3, mask_same_item=mask)(T(u[:4]), T(v), T(y[:4]), T(ids), T(log_q)).asnumpy()
         np.testing.assert_allclose(got, expected, rtol=1e-5)
         plain = CIRLoss(0.3, mask_same_item=mask)(T(u[:4]), T(v), T(y[:4]), T(ids)).asnumpy()
@@ -240,6 +243,14 @@ def test_model_cir_logq_gathers_the_log_shares_of_the_item_ids():
     log_q = T(np.log(shares[b["item_sparse"][:, 0]]).astype(np.float32))
     expected = SMALL.cir_weight * CIRLoss(SMALL.cir_tau)(u[:3], v, y[:3], ids, log_q).asnumpy()
     np.testing.assert_allclose(net.aux_loss((u, v, ids), y).asnumpy(), expected, rtol=1e-5)
+    assert abs(expected - SMALL.cir_weight * CIRLoss(SMALL.cir_tau)(u[:3], v, y[:3], ids).asnumpy()) > 1e-4
+
+
+def test_cir_options_that_read_item_ids_refuse_a_tower_without_them():
+    meta = {**META, "towers": {**META["towers"], "item": {**META["towers"]["item"], "sparse": []}}}
+    for key in ("cir_mask_same_item", "cir_logq"):
+        with pytest.raises(UserError, match=f"--{key}: the item tower has no id field"):
+            M.build_model(meta, SMALL.replace(**{key: True}))
 
 
 # ---------------------------------------------------------------- models from meta.json

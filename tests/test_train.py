@@ -343,8 +343,9 @@ def test_cir_logq_item_shares_come_from_the_training_rows(tiny_cfg):
     cfg = tiny_cfg.replace(run_dir=str(Path(tiny_cfg.output_dir) / "logq"), epochs=1, cir_logq=True)
     train.train(cfg)
     data = load_dataset(cfg, quiet=True)
-    ids = data.arrays("train")["item_sparse"][:, id_field(data.meta["towers"], "item")]
-    counts = np.bincount(ids, minlength=data.meta["towers"]["item"]["sparse"][0]["vocab_size"]) + 1.0
+    column = id_field(data.meta["towers"], "item")
+    ids = data.arrays("train")["item_sparse"][:, column]
+    counts = np.bincount(ids, minlength=data.meta["towers"]["item"]["sparse"][column]["vocab_size"]) + 1.0
     params = ms.load_checkpoint(str(Path(cfg.run_dir) / "last.ckpt"))
     [saved] = [p.asnumpy() for name, p in params.items() if name.endswith("cir_log_q")]
     np.testing.assert_allclose(saved, np.log(counts / counts.sum()), rtol=1e-5)
