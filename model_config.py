@@ -59,6 +59,10 @@ ROLES = {
 }
 
 
+# What runs saved before a key existed were trained with, where today's default differs
+BEFORE_THE_KEY = {"dropout_masks": "kernel"}
+
+
 def _opt(default, help, role, choices=None):
     assert role in ROLES, role
     return field(default=default, metadata={"help": help, "choices": choices, "role": role})
@@ -142,6 +146,10 @@ class Config:
     # ---- training (train.py)
     batch_size: int = _opt(2048, "training batch size (the last incomplete batch of an epoch is dropped)", "train")
     lr: float = _opt(5e-4, "Adam learning rate", "train")
+    dropout_masks: str = _opt("pool", "where dropout masks come from. pool: each row takes a random row of a fixed "
+                                      "pool of 8,192 masks drawn once (seeded, cheaper on CPU); kernel: nn.Dropout, a "
+                                      "fresh random number per element (not seedable here; the results tables up to "
+                                      "2026-12-06)", "train", ("pool", "kernel"))
     weight_decay: float = _opt(0.0, "Adam weight decay", "train")
     distribute: bool = _opt(False, "data-parallel training (set automatically when launched by msrun)", "train")
     epochs: int = _opt(10, "maximum number of epochs", "budget")
@@ -195,10 +203,11 @@ class Config:
 
     @classmethod
     def from_dict(cls, values):
-        """A config saved by an earlier run (unknown keys of other versions are ignored)."""
+        """A config saved by an earlier run (unknown keys of other versions are ignored; a key it predates takes
+        the value runs had before the key existed, where that differs from today's default)."""
         known = {f.name: f for f in dataclasses.fields(cls)}
         kwargs = {k: tuple(v) if known[k].type is tuple else v
-                  for k, v in values.items() if k in known}
+                  for k, v in {**BEFORE_THE_KEY, **values}.items() if k in known}
         return cls(**kwargs).validate()
 
     def __str__(self):

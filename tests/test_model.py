@@ -8,7 +8,7 @@ from mindspore import nn
 
 import model as M
 from model_config import Config
-from module import BatchNorm, CIRLoss, FEBlock, LightSE, MLP, SENET
+from module import BatchNorm, CIRLoss, Dropout, FEBlock, LightSE, MLP, SENET
 from util import UserError
 
 RNG = np.random.default_rng(0)
@@ -103,6 +103,38 @@ def test_mlp_returns_every_layer():
         h = h @ dense_cell.weight.asnumpy().T
         h = np.maximum(h / np.sqrt(1 + 1e-5) * bn.gamma.asnumpy() + bn.beta.asnumpy(), 0)
         np.testing.assert_allclose(o.asnumpy(), h, atol=1e-5)
+
+
+def test_pooled_dropout_takes_a_pool_row_per_sample_and_is_seeded():
+    """--dropout_masks pool: each row of x is multiplied by one row of the pool (keeps scaled by 1 / (1 - p),
+    keep rate 1 - p), rows change from call to call, the gradient is the mask, inference is the identity, and
+    the same seed gives the same masks."""
+    p, rows, width = 0.3, 64, 6
+    ms.set_seed(7)  # the rows' generator
+    np.random.seed(7)  # the pool's
+    cell = Dropout(p, width, pool_rows=rows)
+    pool = cell.pool.asnumpy()
+    assert pool.shape == (rows, width) and set(np.unique(pool)) <= {0.0, np.float32(1 / (1 - p))}
+    assert abs((pool > 0).mean() - (1 - p)) < 0.1  # 384 draws: sd 0.023
+    x = RNG.uniform(1, 2, size=(200, width)).astype(np.float32)
+    cell.set_train(True)
+    masks = [cell(T(x)).asnumpy() / x for _ in range(2)]
+    for mask in masks:
+        matches = np.isclose(mask[:, None, :], pool[None], atol=1e-5).all(-1)  # (200, rows): row i is pool row j
+        assert matches.any(1).all()
+    assert not np.array_equal(masks[0], masks[1])
+    grad = ms.grad(lambda v: cell(v).sum())(T(x)).asnumpy()
+    assert np.isclose(grad[:, None, :], pool[None], atol=1e-5).all(-1).any(1).all()
+    ms.set_seed(7)
+    np.random.seed(7)
+    again = Dropout(p, width, pool_rows=rows)
+    again.set_train(True)
+    np.testing.assert_array_equal(again.pool.asnumpy(), pool)
+    np.testing.assert_allclose(again(T(x)).asnumpy() / x, masks[0], rtol=1e-6)
+    cell.set_train(False)
+    np.testing.assert_array_equal(cell(T(x)).asnumpy(), x)
+    kernel = M.build_model(META, SMALL.replace(model="two_tower", dropout=0.1, dropout_masks="kernel"))
+    assert type(kernel.user_tower.mlp.layers[0].cell_list[-1]) is nn.Dropout
 
 
 def maxsim_loops(user, item):

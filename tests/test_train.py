@@ -93,6 +93,13 @@ def test_resume_equals_uninterrupted(tmp_path, trained):
     assert resumed["test"]["auc"] == full["test"]["auc"] and resumed["test"]["logloss"] == full["test"]["logloss"]
 
 
+@pytest.mark.e2e
+def test_runs_with_dropout_repeat_exactly(tmp_path):
+    """Dropout masks come from seeded generators (--dropout_masks pool): two runs with dropout are identical."""
+    runs = [train.train(small(tmp_path, run_dir=str(tmp_path / f"run{k}"), dropout=0.3, epochs=2)) for k in (1, 2)]
+    assert runs[0]["test"]["auc"] == runs[1]["test"]["auc"] and runs[0]["val_auc"] == runs[1]["val_auc"]
+
+
 def test_resume_refuses_config_changes(tmp_path, trained):
     cfg, _, run = trained
     with pytest.raises(UserError, match="cannot change lr"):
@@ -243,6 +250,7 @@ def test_config_overrides_are_typed():
     assert cfg.mlp == (64, 32) and cfg.lr == 0.01 and cfg.batch_norm is False and cfg.download is True
     assert cfg.device_target == "GPU" and keys == {"mlp", "lr", "batch_norm", "download", "device_target"}
     assert Config.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert Config().dropout_masks == "pool" and Config.from_dict({}).dropout_masks == "kernel"  # older runs
     defaults = Config()  # the published MindSpore values
     assert (defaults.batch_size, defaults.lr, defaults.dropout, defaults.mlp, defaults.heads, defaults.head_dim,
             defaults.embed_dim) == (2048, 5e-4, 0.1, (300, 300, 128), 4, 64, 32)
