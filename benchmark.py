@@ -182,8 +182,8 @@ def bench_train(cfg, repeats, steps, peer=None):
     bs, ours_med, pub_med = cfg.batch_size, statistics.median(times["ours"]), statistics.median(times["published"])
     ratios = [p / o for p, o in zip(times["published"], times["ours"])]
     result = {"what": "train", "data": f"{meta['dataset']}/{meta['protocol']} ({published.n:,} training rows)",
-              "model": cfg.model, "batch_size": bs, "repeats": repeats, "steps_per_repeat": steps,
-              "ours_ms_per_step": round(ours_med * 1000, 1), "ours_samples_per_s": round(bs / ours_med),
+              "model": cfg.model, "batch_size": bs, "dropout_masks": cfg.dropout_masks, "repeats": repeats,
+              "steps_per_repeat": steps, "ours_ms_per_step": round(ours_med * 1000, 1), "ours_samples_per_s": round(bs / ours_med),
               "value_and_grad_jit_ms_per_step": round(statistics.median(times["value_and_grad_jit"]) * 1000, 1),
               "published_ms_per_step": round(pub_med * 1000, 1), "published_samples_per_s": round(bs / pub_med),
               "speedup_median": round(statistics.median(ratios), 1), "speedups": [round(x, 1) for x in ratios]}
@@ -452,7 +452,8 @@ def bench_profile(cfg, steps):
         shutil.rmtree(out, ignore_errors=True)
     top = dict(sorted(ops_ms.items(), key=lambda kv: -kv[1])[:15])
     flops = step_flops(model, cfg)
-    return {"what": "profile", "model": cfg.model, "batch_size": cfg.batch_size, "steps": steps,
+    return {"what": "profile", "model": cfg.model, "batch_size": cfg.batch_size, "dropout_masks": cfg.dropout_masks,
+            "steps": steps,
             "wall_ms_per_step_profiled": round(wall, 1), "kernel_ms_per_step": round(sum(ops_ms.values()), 1),
             "top_operators_ms_per_step": {k: round(v, 2) for k, v in top.items()},
             "gflop_per_step": round(flops / 1e9, 2),
