@@ -100,7 +100,7 @@ class Dropout(nn.Cell):
     seeded `randint` of B numbers). Each unit is dropped with probability p independently of the others, as with
     nn.Dropout, and a sample meets a different mask every step. It is cheaper on CPU, where nn.Dropout's kernel
     draws one random number per element (a gather and a product instead: docs/performance.md), and seeded: runs
-    with dropout repeat exactly, which nn.Dropout's masks do not here (docs/design.md, "Dropout")."""
+    with dropout repeat exactly, which nn.Dropout's masks do not here (docs/design.md, "Training step")."""
 
     def __init__(self, p, channels, pool_rows=8192):
         super().__init__()
