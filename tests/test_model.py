@@ -135,6 +135,8 @@ def test_pooled_dropout_takes_a_pool_row_per_sample_and_is_seeded():
     np.testing.assert_array_equal(cell(T(x)).asnumpy(), x)
     kernel = M.build_model(META, SMALL.replace(model="two_tower", dropout=0.1, dropout_masks="kernel"))
     assert type(kernel.user_tower.mlp.layers[0].cell_list[-1]) is nn.Dropout
+    pooled = M.build_model(META, SMALL.replace(model="two_tower", dropout=0.1))  # the default reaches the towers
+    assert type(pooled.user_tower.mlp.layers[0].cell_list[-1]) is Dropout
 
 
 def maxsim_loops(user, item):
