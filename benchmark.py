@@ -4,7 +4,7 @@
                                                   # (and eager PyTorch), same model & data
     python benchmark.py data  [--key value ...]   # preprocessing time; npz vs MindRecord loading
     python benchmark.py serve --run_dir RUN [--last_layer_run RUN2]   # serving figures (docs/serving.md)
-    python benchmark.py profile [--key value ...] # MindSpore profiler: time per operator type of a train step
+    python benchmark.py profile [--peer torch] [--key value ...] # profilers: time per operator type of a train step
 
 Config keys (--data_path, --protocol, --model...) are those of train.py and pick the data the same
 way (e.g. --data_path ../shared/data/ml-1m/ratings-all-users-no-timestamp.dat.gz --protocol paper for
@@ -423,8 +423,37 @@ def kernel_probes(rows=2048, width=300, repeats=50):
             "mul_equal_shapes_ms": round(ms_per_call(ops.mul, x, same), 3)}
 
 
-def bench_profile(cfg, steps):
-    """Run `steps` train steps under MindSpore's profiler; milliseconds per step of each operator type."""
+MATRIX_PRODUCTS = {"MatMul", "BatchMatMul", "aten::mm", "aten::addmm", "aten::bmm"}  # both frameworks' GEMMs
+
+
+def split_ms(ops_ms):
+    """(matrix products, everything else) of {operator type: ms per step}."""
+    gemm = sum(v for k, v in ops_ms.items() if k in MATRIX_PRODUCTS)
+    return round(gemm, 1), round(sum(ops_ms.values()) - gemm, 1)
+
+
+def profile_torch_peer(meta, arrays, cfg, steps):
+    """The PyTorch peer's steps under torch.profiler on the same training data: ms per step of each operator
+    (self CPU time, so nested operators are not counted twice)."""
+    from torch.profiler import ProfilerActivity, profile
+    step = torch_peer(meta, cfg)
+    feed = endless_batches(arrays, meta["inputs"], cfg, numpy=True)
+    for _ in range(3):
+        step(*next(feed))
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            loss = step(*next(feed))
+        float(loss)
+        wall = (time.perf_counter() - start) / steps * 1000
+    ops_ms = {e.key: e.self_cpu_time_total / 1000 / steps for e in prof.key_averages()}
+    return wall, ops_ms
+
+
+def bench_profile(cfg, steps, peer=None):
+    """Run `steps` train steps under MindSpore's profiler; milliseconds per step of each operator type.
+    With peer="torch", the PyTorch peer's steps under torch.profiler too, and both split into matrix
+    products and the rest: where one framework's step is faster than the other's."""
     import csv
     import shutil
     import tempfile
@@ -450,16 +479,30 @@ def bench_profile(cfg, steps):
         ops_ms = {row["op_type"]: float(row["total_compute_time"]) / steps for row in csv.DictReader(open(table))}
     finally:
         shutil.rmtree(out, ignore_errors=True)
-    top = dict(sorted(ops_ms.items(), key=lambda kv: -kv[1])[:15])
+    def top(table):
+        return {k: round(v, 2) for k, v in sorted(table.items(), key=lambda kv: -kv[1])[:15]}
     flops = step_flops(model, cfg)
-    return {"what": "profile", "model": cfg.model, "batch_size": cfg.batch_size, "dropout_masks": cfg.dropout_masks,
-            "steps": steps,
-            "wall_ms_per_step_profiled": round(wall, 1), "kernel_ms_per_step": round(sum(ops_ms.values()), 1),
-            "top_operators_ms_per_step": {k: round(v, 2) for k, v in top.items()},
+    gemm, rest = split_ms(ops_ms)
+    result = {"what": "profile", "model": cfg.model, "batch_size": cfg.batch_size, "dropout_masks": cfg.dropout_masks,
+              "steps": steps,
+              "wall_ms_per_step_profiled": round(wall, 1), "kernel_ms_per_step": round(sum(ops_ms.values()), 1),
+              "matrix_products_ms_per_step": gemm, "other_kernels_ms_per_step": rest,
+              "top_operators_ms_per_step": top(ops_ms),
             "gflop_per_step": round(flops / 1e9, 2),
             "flop_floor_ms_per_step": round(flops / machine_floor()["gemm_gflop_s"] / 1e6, 1),
             "matmul_gflops_per_s": round(flops / 1e9 / ((ops_ms.get("MatMul", 0) + ops_ms.get("BatchMatMul", 0)) / 1000), 1)
-            if ops_ms.get("MatMul") else None, "kernel_probes": kernel_probes(), "machine": machine()}
+            if ops_ms.get("MatMul") else None}
+    if peer == "torch":
+        import torch
+        peer_wall, peer_ms = profile_torch_peer(data.meta, data.arrays("train"), cfg, steps)
+        peer_gemm, peer_rest = split_ms(peer_ms)
+        result["torch"] = {"version": torch.__version__, "threads": torch.get_num_threads(),
+                           "wall_ms_per_step_profiled": round(peer_wall, 1),
+                           "operators_ms_per_step": round(sum(peer_ms.values()), 1),
+                           "matrix_products_ms_per_step": peer_gemm, "other_operators_ms_per_step": peer_rest,
+                           "top_operators_ms_per_step": top(peer_ms)}
+    result.update({"kernel_probes": kernel_probes(), "machine": machine()})
+    return result
 
 
 def bench_serve(cfg, repeats, sizes=(1_000, 10_000, 100_000)):
@@ -696,7 +739,7 @@ def main():
     own.add_argument("--steps", type=int, default=30)
     own.add_argument("--last_layer_run", default=None, help="serve: a run trained with --last_layer_only true")
     own.add_argument("--peer", choices=["torch"], default=None,
-                     help="train: also time the same model in eager PyTorch (optional dependency)")
+                     help="train, profile: also time (profile) the same model in eager PyTorch (optional dependency)")
     args, rest = own.parse_known_args()
     cfg, _ = parse_args(rest, prog=f"benchmark.py {args.what}", description=__doc__.split("\n\n")[0])
     with contextlib.redirect_stdout(sys.stderr):  # progress lines to stderr: stdout is the JSON result alone
@@ -706,7 +749,7 @@ def main():
         else:
             result = {"train": lambda: bench_train(cfg, args.repeats, args.steps, args.peer),
                       "data": lambda: bench_data(cfg, args.repeats),
-                      "profile": lambda: bench_profile(cfg, args.steps)}[args.what]()
+                      "profile": lambda: bench_profile(cfg, args.steps, args.peer)}[args.what]()
     print(json.dumps(result, indent=1))
 
 

@@ -91,3 +91,10 @@ def test_kernel_probes_report_every_dtype_and_both_multiplies(tiny_cfg):
     assert set(speeds) == {"float32", "float16", "bfloat16"} and speeds["float32"] > 0
     assert all(isinstance(v, float) or v.startswith("no kernel") for v in speeds.values())
     assert probes["mul_by_vector_ms"] > 0 and probes["mul_equal_shapes_ms"] > 0
+
+
+def test_split_ms_separates_both_frameworks_matrix_products_from_the_rest():
+    ours = {"MatMul": 10.0, "BatchMatMul": 2.0, "Mul": 3.0, "Gather": 1.0}
+    torch = {"aten::mm": 8.0, "aten::addmm": 1.5, "aten::bmm": 0.5, "aten::bernoulli_": 4.0, "aten::mul": 2.0}
+    assert benchmark.split_ms(ours) == (12.0, 4.0)
+    assert benchmark.split_ms(torch) == (10.0, 6.0)
