@@ -151,7 +151,7 @@ class PublishedLoop:
         ms.set_context(mode=ms.GRAPH_MODE)
 
 
-def bench_train(cfg, repeats, steps, peer=None):
+def bench_train(cfg, repeats, steps, peer=None, peer_masks="kernel"):
     """Median seconds per step of (a) train.py's compiled step (TrainOneStepCell) fed whole numpy batches,
     (c) the same with a functional value_and_grad + optimizer under ms.jit, (b) the published loop
     (PublishedLoop) and, with peer="torch", (d) the same model in eager PyTorch (torch_peer) on the same
@@ -165,7 +165,7 @@ def bench_train(cfg, repeats, steps, peer=None):
              "value_and_grad_jit": compiled_loop(functional_step(fn_model, cfg), fn_model,
                                                  endless_batches(arrays, meta["inputs"], cfg))}
     if peer == "torch":
-        loops["torch"] = eager_loop(torch_peer(meta, cfg), endless_batches(arrays, meta["inputs"], cfg, numpy=True))
+        loops["torch"] = eager_loop(torch_peer(meta, cfg, peer_masks), endless_batches(arrays, meta["inputs"], cfg, numpy=True))
     published = PublishedLoop(meta, arrays, cfg)
     say("warming up (compilation, first batches)")
     for run in loops.values():
@@ -194,7 +194,7 @@ def bench_train(cfg, repeats, steps, peer=None):
                        "torch_samples_per_s": round(bs / statistics.median(times["torch"])),
                        "ratio_vs_torch_median": round(statistics.median(peer_ratios), 3),
                        "ratios_vs_torch": [round(x, 3) for x in peer_ratios],
-                       "torch": torch.__version__, "torch_threads": torch.get_num_threads()})
+                       "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "torch_dropout_masks": peer_masks})
     floor = machine_floor()  # the arithmetic floor of a step: its FLOPs at this machine's fp32 GEMM peak
     flops = step_flops(model, cfg)
     result.update({"gflop_per_step": round(flops / 1e9, 2), "gemm_peak_gflop_s": floor["gemm_gflop_s"],
@@ -204,12 +204,13 @@ def bench_train(cfg, repeats, steps, peer=None):
 
 # ---------------------------------------------------------------- the PyTorch peer (train --peer torch)
 
-def torch_peer(meta, cfg):
+def torch_peer(meta, cfg, masks="kernel"):
     """The same IntTower-family model in eager PyTorch (an optional dependency of this benchmark only):
     the same fields (a multi-valued field is the masked mean of its ids), Light-SE, MLP with BatchNorm,
     ReLU and Dropout (no bias before BatchNorm, `linear_output` honoured), FE-Block MaxSim (mean over the
-    user heads) or the dot product, CIR on the first `cir_anchors` rows, BCE, Adam. Returns
-    step(*numpy_batch) -> loss (a float)."""
+    user heads) or the dot product, CIR on the first `cir_anchors` rows, BCE, Adam. `masks`: the peer's
+    dropout, "kernel" (nn.Dropout: the issue's peer) or "pool" (module.Dropout's pool of masks, one random
+    pool row per sample: index_select and a product), whatever ours uses. Returns step(*numpy_batch) -> loss."""
     import os
     cfg = cfg.for_model()
     if MODELS[cfg.model].cls != "IntTower" or cfg.se not in ("lightse", "none") or cfg.interaction not in ("fe", "dot"):
@@ -221,8 +222,22 @@ def torch_peer(meta, cfg):
         raise UserError("--peer torch needs PyTorch, an optional dependency of this benchmark only: "
                         "pip install torch==2.13.0 (docs/performance.md)") from None
     from torch import nn as tnn
+    from module import mask_pool
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(os.cpu_count())
+
+    class PoolDropout(tnn.Module):  # module.Dropout in PyTorch
+        def __init__(self, p, channels, pool_rows=8192):
+            super().__init__()
+            self.register_buffer("pool", torch.from_numpy(mask_pool(p, channels, pool_rows)))
+
+        def forward(self, x):
+            if not self.training:
+                return x
+            return x * self.pool.index_select(0, torch.randint(0, self.pool.shape[0], (x.shape[0],)))
+
+    def dropout(size):
+        return PoolDropout(cfg.dropout, size) if masks == "pool" else tnn.Dropout(cfg.dropout)
 
     class Tower(tnn.Module):
         def __init__(self, spec):
@@ -238,7 +253,7 @@ def torch_peer(meta, cfg):
                 norm = cfg.batch_norm and (hidden or cfg.output_batch_norm)
                 block = [tnn.Linear(width, size, bias=not norm)]
                 block += [tnn.BatchNorm1d(size, momentum=0.1)] if norm else []
-                block += [tnn.ReLU(), tnn.Dropout(cfg.dropout)] if hidden else []
+                block += [tnn.ReLU()] + ([dropout(size)] if cfg.dropout > 0 else []) if hidden else []
                 layers.append(tnn.Sequential(*block))
                 width = size
             self.mlp = tnn.ModuleList(layers)
@@ -432,11 +447,11 @@ def split_ms(ops_ms):
     return round(gemm, 1), round(sum(ops_ms.values()) - gemm, 1)
 
 
-def profile_torch_peer(meta, arrays, cfg, steps):
+def profile_torch_peer(meta, arrays, cfg, steps, masks="kernel"):
     """The PyTorch peer's steps under torch.profiler on the same training data: ms per step of each operator
     (self CPU time, so nested operators are not counted twice)."""
     from torch.profiler import ProfilerActivity, profile
-    step = torch_peer(meta, cfg)
+    step = torch_peer(meta, cfg, masks)
     feed = endless_batches(arrays, meta["inputs"], cfg, numpy=True)
     for _ in range(3):
         step(*next(feed))
@@ -450,7 +465,7 @@ def profile_torch_peer(meta, arrays, cfg, steps):
     return wall, ops_ms
 
 
-def bench_profile(cfg, steps, peer=None):
+def bench_profile(cfg, steps, peer=None, peer_masks="kernel"):
     """Run `steps` train steps under MindSpore's profiler; milliseconds per step of each operator type.
     With peer="torch", the PyTorch peer's steps under torch.profiler too, and both split into matrix
     products and the rest: where one framework's step is faster than the other's."""
@@ -494,9 +509,9 @@ def bench_profile(cfg, steps, peer=None):
             if ops_ms.get("MatMul") else None}
     if peer == "torch":
         import torch
-        peer_wall, peer_ms = profile_torch_peer(data.meta, data.arrays("train"), cfg, steps)
+        peer_wall, peer_ms = profile_torch_peer(data.meta, data.arrays("train"), cfg, steps, peer_masks)
         peer_gemm, peer_rest = split_ms(peer_ms)
-        result["torch"] = {"version": torch.__version__, "threads": torch.get_num_threads(),
+        result["torch"] = {"version": torch.__version__, "threads": torch.get_num_threads(), "dropout_masks": peer_masks,
                            "wall_ms_per_step_profiled": round(peer_wall, 1),
                            "operators_ms_per_step": round(sum(peer_ms.values()), 1),
                            "matrix_products_ms_per_step": peer_gemm, "other_operators_ms_per_step": peer_rest,
@@ -740,6 +755,8 @@ def main():
     own.add_argument("--last_layer_run", default=None, help="serve: a run trained with --last_layer_only true")
     own.add_argument("--peer", choices=["torch"], default=None,
                      help="train, profile: also time (profile) the same model in eager PyTorch (optional dependency)")
+    own.add_argument("--peer_masks", choices=["kernel", "pool"], default="kernel",
+                     help="the peer's dropout: nn.Dropout (kernel, the issue's peer) or our pool of masks (pool)")
     args, rest = own.parse_known_args()
     cfg, _ = parse_args(rest, prog=f"benchmark.py {args.what}", description=__doc__.split("\n\n")[0])
     with contextlib.redirect_stdout(sys.stderr):  # progress lines to stderr: stdout is the JSON result alone
@@ -747,9 +764,9 @@ def main():
             result = bench_serve(cfg, args.repeats)
             result["serving"] = bench_serving(cfg, args.repeats, args.last_layer_run)
         else:
-            result = {"train": lambda: bench_train(cfg, args.repeats, args.steps, args.peer),
+            result = {"train": lambda: bench_train(cfg, args.repeats, args.steps, args.peer, args.peer_masks),
                       "data": lambda: bench_data(cfg, args.repeats),
-                      "profile": lambda: bench_profile(cfg, args.steps, args.peer)}[args.what]()
+                      "profile": lambda: bench_profile(cfg, args.steps, args.peer, args.peer_masks)}[args.what]()
     print(json.dumps(result, indent=1))
 
 
