@@ -30,6 +30,8 @@ def import_mindspore():
 def init_mindspore(cfg):
     """GRAPH_MODE on cfg.device_target, seeds of MindSpore and NumPy set; returns the mindspore module."""
     ms = import_mindspore()
+    from mindspore import log
+    log._get_logger().addFilter(known_noise)  # MindSpore's logger (no public accessor); added once per process
     ms.set_context(mode=ms.GRAPH_MODE)
     try:
         ms.set_device(cfg.device_target)
@@ -143,27 +145,20 @@ def train_step(model, cfg):
     Under msrun's DATA_PARALLEL context TrainOneStepCell inserts the gradient all-reduce."""
     from mindspore import nn
     from model import LossCell
-    with quiet_sparse_adam_warning():
-        optimizer = nn.Adam(model.trainable_params(), learning_rate=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = nn.Adam(model.trainable_params(), learning_rate=cfg.lr, weight_decay=cfg.weight_decay)
     return nn.TrainOneStepCell(LossCell(model), optimizer)
 
 
-class quiet_sparse_adam_warning:
-    """nn.Adam always builds a FusedSparseAdam operator for sparse gradients, and MindSpore 2.10 warns that
-    the operator is deprecated. Our embeddings give dense gradients, so the operator is never run: the
-    warning is noise at every start. It is filtered while the optimizer is built, nothing else."""
+# Deprecation warnings of MindSpore 2.10 that are noise at every start, and only these (exact phrases):
+QUIET_WARNINGS = (
+    "FusedSparseAdam",  # nn.Adam always builds it for sparse gradients; our embeddings' are dense: it never runs
+    "'UniformInt' is deprecated",  # module.Dropout's randint; its replacement, mint.randint, has no CPU kernel
+)
 
-    @staticmethod
-    def filter(record):
-        return "FusedSparseAdam" not in record.getMessage()
 
-    def __enter__(self):
-        from mindspore import log
-        self.logger = log._get_logger()  # MindSpore's logger: a per-process name, no public accessor
-        self.logger.addFilter(self.filter)
-
-    def __exit__(self, *exc):
-        self.logger.removeFilter(self.filter)
+def known_noise(record):
+    """A logging filter: False for MindSpore's warnings in QUIET_WARNINGS."""
+    return not any(phrase in record.getMessage() for phrase in QUIET_WARNINGS)
 
 
 # ---------------------------------------------------------------- checkpoints
