@@ -253,7 +253,8 @@ def torch_peer(meta, cfg, masks="kernel"):
                 norm = cfg.batch_norm and (hidden or cfg.output_batch_norm)
                 block = [tnn.Linear(width, size, bias=not norm)]
                 block += [tnn.BatchNorm1d(size, momentum=0.1)] if norm else []
-                block += [tnn.ReLU()] + ([dropout(size)] if cfg.dropout > 0 else []) if hidden else []
+                if hidden:
+                    block += [tnn.ReLU()] + ([dropout(size)] if cfg.dropout > 0 else [])
                 layers.append(tnn.Sequential(*block))
                 width = size
             self.mlp = tnn.ModuleList(layers)
@@ -447,6 +448,11 @@ def split_ms(ops_ms):
     return round(gemm, 1), round(sum(ops_ms.values()) - gemm, 1)
 
 
+def top_ms(ops_ms, k=15):
+    """The k costliest operators of {operator type: ms per step}, costliest first."""
+    return {name: round(v, 2) for name, v in sorted(ops_ms.items(), key=lambda kv: -kv[1])[:k]}
+
+
 def profile_torch_peer(meta, arrays, cfg, steps, masks="kernel"):
     """The PyTorch peer's steps under torch.profiler on the same training data: ms per step of each operator
     (self CPU time, so nested operators are not counted twice)."""
@@ -494,19 +500,16 @@ def bench_profile(cfg, steps, peer=None, peer_masks="kernel"):
         ops_ms = {row["op_type"]: float(row["total_compute_time"]) / steps for row in csv.DictReader(open(table))}
     finally:
         shutil.rmtree(out, ignore_errors=True)
-    def top(table):
-        return {k: round(v, 2) for k, v in sorted(table.items(), key=lambda kv: -kv[1])[:15]}
     flops = step_flops(model, cfg)
     gemm, rest = split_ms(ops_ms)
     result = {"what": "profile", "model": cfg.model, "batch_size": cfg.batch_size, "dropout_masks": cfg.dropout_masks,
               "steps": steps,
               "wall_ms_per_step_profiled": round(wall, 1), "kernel_ms_per_step": round(sum(ops_ms.values()), 1),
               "matrix_products_ms_per_step": gemm, "other_kernels_ms_per_step": rest,
-              "top_operators_ms_per_step": top(ops_ms),
-            "gflop_per_step": round(flops / 1e9, 2),
-            "flop_floor_ms_per_step": round(flops / machine_floor()["gemm_gflop_s"] / 1e6, 1),
-            "matmul_gflops_per_s": round(flops / 1e9 / ((ops_ms.get("MatMul", 0) + ops_ms.get("BatchMatMul", 0)) / 1000), 1)
-            if ops_ms.get("MatMul") else None}
+              "top_operators_ms_per_step": top_ms(ops_ms),
+              "gflop_per_step": round(flops / 1e9, 2),
+              "flop_floor_ms_per_step": round(flops / machine_floor()["gemm_gflop_s"] / 1e6, 1),
+              "matmul_gflops_per_s": round(flops / 1e9 / (gemm / 1000), 1) if gemm else None}
     if peer == "torch":
         import torch
         peer_wall, peer_ms = profile_torch_peer(data.meta, data.arrays("train"), cfg, steps, peer_masks)
@@ -515,7 +518,7 @@ def bench_profile(cfg, steps, peer=None, peer_masks="kernel"):
                            "wall_ms_per_step_profiled": round(peer_wall, 1),
                            "operators_ms_per_step": round(sum(peer_ms.values()), 1),
                            "matrix_products_ms_per_step": peer_gemm, "other_operators_ms_per_step": peer_rest,
-                           "top_operators_ms_per_step": top(peer_ms)}
+                           "top_operators_ms_per_step": top_ms(peer_ms)}
     result.update({"kernel_probes": kernel_probes(), "machine": machine()})
     return result
 

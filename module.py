@@ -110,13 +110,12 @@ class Dropout(nn.Cell):
 
     def __init__(self, p, channels, pool_rows=8192):
         super().__init__()
-        self.pool_rows = pool_rows
         self.pool = ms.Tensor(mask_pool(p, channels, pool_rows))
 
     def construct(self, x):
         if not self.training:
             return x
-        rows = ops.randint(0, self.pool_rows, (x.shape[0],), dtype=ms.int32)
+        rows = ops.randint(0, self.pool.shape[0], (x.shape[0],), dtype=ms.int32)
         return x * ops.stop_gradient(ops.gather(self.pool, rows, 0))
 
 

@@ -166,6 +166,7 @@ def test_start_up_output_is_short_and_quiet(run, tmp_path):
     assert "WARNING" not in out.stdout + out.stderr, (out.stdout + out.stderr)[-2000:]
     out = cli("train.py", "--resume", run, "--epochs", "2")  # nothing left to train: start-up and test only
     assert out.returncode == 0, out.stderr[-2000:]
+    assert "FusedSparseAdam" not in out.stdout + out.stderr
     config = next(line for line in out.stdout.splitlines() if line.startswith("config:"))
     assert len(config) < 400, config
 
