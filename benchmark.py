@@ -209,8 +209,8 @@ def torch_peer(meta, cfg, masks="kernel"):
     the same fields (a multi-valued field is the masked mean of its ids), Light-SE, MLP with BatchNorm,
     ReLU and Dropout (no bias before BatchNorm, `linear_output` honoured), FE-Block MaxSim (mean over the
     user heads) or the dot product, CIR on the first `cir_anchors` rows, BCE, Adam. `masks`: the peer's
-    dropout, "kernel" (nn.Dropout: the issue's peer) or "pool" (module.Dropout's pool of masks, one random
-    pool row per sample: index_select and a product), whatever ours uses. Returns step(*numpy_batch) -> loss."""
+    dropout, "kernel" (nn.Dropout: the issue's peer) or "pool" (module.Dropout's pool of masks read in order:
+    index_select and a product), whatever ours uses. Returns step(*numpy_batch) -> loss."""
     import os
     cfg = cfg.for_model()
     if MODELS[cfg.model].cls != "IntTower" or cfg.se not in ("lightse", "none") or cfg.interaction not in ("fe", "dot"):
@@ -230,11 +230,14 @@ def torch_peer(meta, cfg, masks="kernel"):
         def __init__(self, p, channels, pool_rows=8192):
             super().__init__()
             self.register_buffer("pool", torch.from_numpy(mask_pool(p, channels, pool_rows)))
+            self.offset = 0
 
         def forward(self, x):
             if not self.training:
                 return x
-            return x * self.pool.index_select(0, torch.randint(0, self.pool.shape[0], (x.shape[0],)))
+            rows = (torch.arange(x.shape[0]) + self.offset) % self.pool.shape[0]
+            self.offset += x.shape[0]
+            return x * self.pool.index_select(0, rows)
 
     def dropout(size):
         return PoolDropout(cfg.dropout, size) if masks == "pool" else tnn.Dropout(cfg.dropout)

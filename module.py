@@ -102,20 +102,25 @@ class Dropout(nn.Cell):
     """Inverted dropout whose masks are rows of a fixed pool: (B, C) -> (B, C); identity at inference.
 
     The pool holds `pool_rows` masks of C independent Bernoulli(1 - p) keeps scaled by 1 / (1 - p), drawn once
-    from NumPy's generator (seeded by --seed); every step each row of the batch takes a random pool row (a
-    seeded `randint` of B numbers). Each unit is dropped with probability p independently of the others, as with
-    nn.Dropout, and a sample meets a different mask every step. It is cheaper on CPU, where nn.Dropout's kernel
-    draws one random number per element (a gather and a product instead: docs/performance.md), and seeded: runs
-    with dropout repeat exactly, which nn.Dropout's masks do not here (docs/design.md, "Training step")."""
+    from NumPy's generator (seeded by --seed). The pool is read in order, like a tape: a step's B rows take the
+    next B pool rows (wrapping around), and `mask_offset`, the position on the tape, is a parameter saved in
+    checkpoints. The training data are shuffled every epoch, so a sample meets a random pool row each step, and
+    each unit is dropped with probability p independently of the others, as with nn.Dropout. It is cheaper on
+    CPU, where nn.Dropout's kernel draws one random number per element (a gather and a product instead:
+    docs/performance.md), and it holds no random generator: runs with dropout repeat exactly, and a resumed run
+    is the uninterrupted one, which nn.Dropout's masks are not here (docs/design.md, "Training step")."""
 
     def __init__(self, p, channels, pool_rows=8192):
         super().__init__()
         self.pool = ms.Tensor(mask_pool(p, channels, pool_rows))
+        self.mask_offset = ms.Parameter(ms.Tensor(0, ms.int64), name="mask_offset", requires_grad=False)
 
     def construct(self, x):
         if not self.training:
             return x
-        rows = ops.randint(0, self.pool.shape[0], (x.shape[0],), dtype=ms.int32)
+        n = x.shape[0]
+        rows = (ops.arange(n, dtype=ms.int64) + self.mask_offset) % self.pool.shape[0]
+        ops.assign_add(self.mask_offset, ops.scalar_to_tensor(n, ms.int64))
         return x * ops.stop_gradient(ops.gather(self.pool, rows, 0))
 
 

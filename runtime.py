@@ -152,7 +152,6 @@ def train_step(model, cfg):
 # Deprecation warnings of MindSpore 2.10 that are noise at every start, and only these (exact phrases):
 QUIET_WARNINGS = (
     "FusedSparseAdam",  # nn.Adam always builds it for sparse gradients; our embeddings' are dense: it never runs
-    "'UniformInt' is deprecated",  # module.Dropout's randint; its replacement, mint.randint, has no CPU kernel
 )
 
 
@@ -210,19 +209,26 @@ def read_checkpoint(path):
     return stored, json.loads(str(state)) if state is not None else None
 
 
+# Parameters a checkpoint may lack: module.Dropout's position on its pool of masks, added in December 2026 (an older
+# checkpoint goes on from the pool's start).
+OPTIONAL_STATE = (".mask_offset",)
+
+
 def load_checkpoint(cell, path):
     """Load a verified checkpoint (read_checkpoint) into `cell`, refusing missing, unexpected or mis-shaped
     parameters; returns the train state stored with it (or None)."""
     path = Path(path)
     stored, state = read_checkpoint(path)
     own = dict(cell.parameters_and_names())
-    missing = sorted(set(own) - set(stored))
+    missing = sorted(name for name in set(own) - set(stored) if not name.endswith(OPTIONAL_STATE))
     unexpected = sorted(set(stored) - set(own))
     if missing or unexpected:
         raise UserError(f"{path} does not fit this model ({len(missing)} parameters missing, e.g. "
                         f"{missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]}): was it saved "
                         f"with another --model or configuration?")
     for name, param in own.items():
+        if name not in stored:
+            continue  # OPTIONAL_STATE: keeps its initial value
         value = stored[name]
         if tuple(value.shape) != tuple(param.shape):
             raise UserError(f"{path}: parameter {name} has shape {tuple(value.shape)}, the model expects "

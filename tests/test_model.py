@@ -105,34 +105,30 @@ def test_mlp_returns_every_layer():
         np.testing.assert_allclose(o.asnumpy(), h, atol=1e-5)
 
 
-def test_pooled_dropout_takes_a_pool_row_per_sample_and_is_seeded():
-    """--dropout_masks pool: each row of x is multiplied by one row of the pool (keeps scaled by 1 / (1 - p),
-    keep rate 1 - p), rows change from call to call, the gradient is the mask, inference is the identity, and
-    the same seed gives the same masks."""
-    p, rows, width = 0.3, 64, 6
-    ms.set_seed(7)  # the rows' generator
-    np.random.seed(7)  # the pool's
+def test_pooled_dropout_reads_the_pool_in_order_and_is_seeded():
+    """--dropout_masks pool: row i of a step's batch is multiplied by pool row (offset + i) mod rows (keeps
+    scaled by 1 / (1 - p), keep rate 1 - p), the offset is a saved parameter that moves on by B each step, the
+    gradient is the mask, inference is the identity (and leaves the offset), and the same seed gives the same
+    pool."""
+    p, rows, width, n = 0.3, 64, 6, 40
+    np.random.seed(7)  # the pool's generator
     cell = Dropout(p, width, pool_rows=rows)
     pool = cell.pool.asnumpy()
     assert pool.shape == (rows, width) and set(np.unique(pool)) <= {0.0, np.float32(1 / (1 - p))}
     assert abs((pool > 0).mean() - (1 - p)) < 0.1  # 384 draws: sd 0.023
-    x = RNG.uniform(1, 2, size=(200, width)).astype(np.float32)
+    assert "mask_offset" in dict(cell.parameters_and_names())  # in every checkpoint: a resume goes on from it
+    x = RNG.uniform(1, 2, size=(n, width)).astype(np.float32)
     cell.set_train(True)
-    masks = [cell(T(x)).asnumpy() / x for _ in range(2)]
-    for mask in masks:
-        matches = np.isclose(mask[:, None, :], pool[None], atol=1e-5).all(-1)  # (200, rows): row i is pool row j
-        assert matches.any(1).all()
-    assert not np.array_equal(masks[0], masks[1])
+    for step in range(3):  # 40 rows a step on a 64-row pool: the second step wraps around
+        np.testing.assert_allclose(cell(T(x)).asnumpy() / x, pool[(np.arange(n) + step * n) % rows], rtol=1e-6)
+    assert int(cell.mask_offset.asnumpy()) == 3 * n
     grad = ms.grad(lambda v: cell(v).sum())(T(x)).asnumpy()
-    assert np.isclose(grad[:, None, :], pool[None], atol=1e-5).all(-1).any(1).all()
-    ms.set_seed(7)
-    np.random.seed(7)
-    again = Dropout(p, width, pool_rows=rows)
-    again.set_train(True)
-    np.testing.assert_array_equal(again.pool.asnumpy(), pool)
-    np.testing.assert_allclose(again(T(x)).asnumpy() / x, masks[0], rtol=1e-6)
+    np.testing.assert_array_equal(grad, pool[(np.arange(n) + 3 * n) % rows])
     cell.set_train(False)
     np.testing.assert_array_equal(cell(T(x)).asnumpy(), x)
+    assert int(cell.mask_offset.asnumpy()) == 4 * n
+    np.random.seed(7)
+    np.testing.assert_array_equal(Dropout(p, width, pool_rows=rows).pool.asnumpy(), pool)
     kernel = M.build_model(META, SMALL.replace(model="two_tower", dropout=0.1, dropout_masks="kernel"))
     assert type(kernel.user_tower.mlp.layers[0].cell_list[-1]) is nn.Dropout
     pooled = M.build_model(META, SMALL.replace(model="two_tower", dropout=0.1))  # the default reaches the towers

@@ -161,7 +161,7 @@ def test_resume_of_a_run_without_checkpoint_starts_it_over(run, tmp_path):
 
 def test_start_up_output_is_short_and_quiet(run, tmp_path):
     out = cli("train.py", *SMALL, "--dropout", "0.2", "--epochs", "1", "--data_dir", run.parent / "data",
-              "--run_dir", tmp_path / "quiet")  # pooled dropout masks: the randint MindSpore 2.10 calls deprecated
+              "--run_dir", tmp_path / "quiet")
     assert out.returncode == 0, out.stderr[-2000:]
     assert "WARNING" not in out.stdout + out.stderr, (out.stdout + out.stderr)[-2000:]
     out = cli("train.py", "--resume", run, "--epochs", "2")  # nothing left to train: start-up and test only

@@ -94,10 +94,36 @@ def test_resume_equals_uninterrupted(tmp_path, trained):
 
 
 @pytest.mark.e2e
-def test_runs_with_dropout_repeat_exactly(tmp_path):
-    """Dropout masks come from seeded generators (--dropout_masks pool): two runs with dropout are identical."""
-    runs = [train.train(small(tmp_path, run_dir=str(tmp_path / f"run{k}"), dropout=0.3, epochs=2)) for k in (1, 2)]
+def test_runs_with_dropout_repeat_exactly_and_resume_exactly(tmp_path):
+    """Dropout masks come from a pool read in order (--dropout_masks pool), its position saved in checkpoints:
+    two runs with dropout are identical, and so is a run interrupted after one epoch and resumed."""
+    runs = [train.train(small(tmp_path, run_dir=str(tmp_path / f"run{k}"), dropout=0.3, epochs=3)) for k in (1, 2)]
     assert runs[0]["test"]["auc"] == runs[1]["test"]["auc"] and runs[0]["val_auc"] == runs[1]["val_auc"]
+    train.train(small(tmp_path, run_dir=str(tmp_path / "part"), dropout=0.3, epochs=1))
+    resumed = train.train(Config(resume=str(tmp_path / "part"), epochs=3), {"resume", "epochs"})
+    assert resumed["steps"] == runs[0]["steps"] and resumed["val_auc"] == runs[0]["val_auc"]
+    assert resumed["test"]["auc"] == runs[0]["test"]["auc"] and resumed["test"]["logloss"] == runs[0]["test"]["logloss"]
+
+
+def test_checkpoint_without_dropout_offsets_loads(tmp_path):
+    """A checkpoint written before module.Dropout saved its position on the pool (here: a model with nn.Dropout,
+    the same parameters otherwise) loads, leaving the offsets as they are (0 in a new model); any other missing
+    parameter is refused."""
+    import mindspore as ms
+    from model import build_model
+    cfg = small(tmp_path, dropout=0.2, dropout_masks="kernel")
+    meta = train.load_dataset(cfg).meta
+    path = tmp_path / "old.ckpt"
+    runtime.save_checkpoint(build_model(meta, cfg), path)
+    pooled = build_model(meta, cfg.replace(dropout_masks="pool"))
+    offsets = [p for name, p in pooled.parameters_and_names() if name.endswith("mask_offset")]
+    assert offsets
+    for p in offsets:
+        p.set_data(ms.Tensor(5, ms.int64))
+    runtime.load_checkpoint(pooled, path)
+    assert all(int(p.asnumpy()) == 5 for p in offsets)  # untouched: an older checkpoint has none
+    with pytest.raises(UserError, match="does not fit this model"):
+        runtime.load_checkpoint(build_model(meta, cfg.replace(dropout_masks="pool", interaction="dot")), path)
 
 
 def test_resume_refuses_config_changes(tmp_path, trained):
