@@ -500,7 +500,9 @@ def bench_profile(cfg, steps, peer=None, peer_masks="kernel"):
         profiler.stop()
         profiler.analyse()
         table = next(out.rglob("cpu_op_type_info_0.csv"))
-        ops_ms = {row["op_type"]: float(row["total_compute_time"]) / steps for row in csv.DictReader(open(table))}
+        rows = list(csv.DictReader(open(table)))
+        ops_ms = {row["op_type"]: float(row["total_compute_time"]) / steps for row in rows}
+        launches = sum(int(row["execution_frequency(per-step)"]) for row in rows)
     finally:
         shutil.rmtree(out, ignore_errors=True)
     flops = step_flops(model, cfg)
@@ -508,6 +510,8 @@ def bench_profile(cfg, steps, peer=None, peer_masks="kernel"):
     result = {"what": "profile", "model": cfg.model, "batch_size": cfg.batch_size, "dropout_masks": cfg.dropout_masks,
               "steps": steps,
               "wall_ms_per_step_profiled": round(wall, 1), "kernel_ms_per_step": round(sum(ops_ms.values()), 1),
+              "kernels_per_step": launches,
+              "us_per_kernel_outside_kernels": round((wall - sum(ops_ms.values())) / launches * 1000, 1),
               "matrix_products_ms_per_step": gemm, "other_kernels_ms_per_step": rest,
               "top_operators_ms_per_step": top_ms(ops_ms),
               "gflop_per_step": round(flops / 1e9, 2),

@@ -98,3 +98,14 @@ def test_split_ms_separates_both_frameworks_matrix_products_from_the_rest():
     torch = {"aten::mm": 8.0, "aten::addmm": 1.5, "aten::bmm": 0.5, "aten::bernoulli_": 4.0, "aten::mul": 2.0}
     assert benchmark.split_ms(ours) == (12.0, 4.0)
     assert benchmark.split_ms(torch) == (10.0, 6.0)
+
+
+def test_bench_profile_splits_a_step_and_counts_its_kernels(tiny_cfg, monkeypatch):
+    monkeypatch.setattr(benchmark, "kernel_probes", dict)  # measured in its own test above
+    result = benchmark.bench_profile(tiny_cfg, steps=2)
+    assert "MatMul" in result["top_operators_ms_per_step"] and result["matrix_products_ms_per_step"] > 0
+    total = result["matrix_products_ms_per_step"] + result["other_kernels_ms_per_step"]
+    assert abs(total - result["kernel_ms_per_step"]) <= 0.15  # each rounded to 0.1
+    assert 100 < result["kernels_per_step"] < 2000  # forward, backward and Adam of a small IntTower
+    outside = result["wall_ms_per_step_profiled"] - result["kernel_ms_per_step"]
+    assert abs(result["us_per_kernel_outside_kernels"] - outside / result["kernels_per_step"] * 1000) <= 1.0
