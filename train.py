@@ -35,8 +35,8 @@ from runtime import (batches, epoch_order, evaluate, init_mindspore, load_checkp
 class World:
     """This process's place in a data-parallel job: rank 0 of 1, or one rank of an msrun launch.
 
-    Every rank trains on its own shard (rows rank::size) with the per-rank --batch_size; the gradient
-    all-reduce (inserted by TrainOneStepCell under DATA_PARALLEL, gradients_mean=True) keeps the
+    Every rank trains on its own shard (rows rank::size, as many on each) with the per-rank --batch_size;
+    the gradient all-reduce (inserted by TrainOneStepCell under DATA_PARALLEL, gradients_mean=True) keeps the
     weights identical. At each epoch end the BatchNorm moving statistics are averaged too, so every
     rank holds the same model, evaluates the same validation AUC and takes the same decisions; only
     rank 0 writes checkpoints and metrics."""
@@ -78,7 +78,12 @@ class World:
         return self.rank == 0
 
     def shard(self, arrays):
-        return arrays if self.size == 1 else {k: v[self.rank::self.size] for k, v in arrays.items()}
+        """Rows rank, rank + size, ... of the first n - n % size: every rank gets as many rows, hence as many
+        steps (a rank with a step more would wait for the others' gradients forever)."""
+        if self.size == 1:
+            return arrays
+        end = len(next(iter(arrays.values()))) // self.size * self.size
+        return {k: v[self.rank:end:self.size] for k, v in arrays.items()}
 
     def sum(self, values):
         """Element-wise sum of a float32 vector over the ranks."""
@@ -98,11 +103,13 @@ class World:
         return Path(bytes(data[data > 0]).decode())
 
     def sync_statistics(self, model):
-        """Average the non-trainable parameters (BatchNorm moving statistics) over the ranks."""
+        """Average the non-trainable float parameters (BatchNorm moving statistics) over the ranks; the
+        dropout pools' offsets (integers) are equal on every rank: all take the same number of equal batches."""
         if self.size == 1:
             return
         import mindspore as ms
-        stats = [p for p in model.get_parameters() if not p.requires_grad]
+        from mindspore.common.dtype import float_type
+        stats = [p for p in model.get_parameters() if not p.requires_grad and p.dtype in float_type]
         if stats:
             flat = self.sum(np.concatenate([p.asnumpy().ravel() for p in stats])) / self.size
             start = 0

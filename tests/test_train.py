@@ -383,3 +383,18 @@ def test_cir_logq_item_shares_come_from_the_training_rows(tiny_cfg):
     params = ms.load_checkpoint(str(Path(cfg.run_dir) / "last.ckpt"))
     [saved] = [p.asnumpy() for name, p in params.items() if name.endswith("cir_log_q")]
     np.testing.assert_allclose(saved, np.log(counts / counts.sum()), rtol=1e-5)
+
+
+def test_ranks_get_disjoint_shards_of_equal_size():
+    """Each rank of a data-parallel job takes as many rows (hence steps): a step more on one rank would wait
+    for the others' gradients forever."""
+    arrays = {"label": np.arange(7), "x": np.arange(7) * 10}
+    shards = []
+    for rank in range(3):
+        world = train.World()
+        world.size, world.rank = 3, rank
+        shards.append(world.shard(arrays))
+    assert [len(s["label"]) for s in shards] == [2, 2, 2]
+    assert sorted(np.concatenate([s["label"] for s in shards])) == list(range(6))
+    assert all((s["x"] == s["label"] * 10).all() for s in shards)
+    assert train.World().shard(arrays) is arrays
