@@ -73,16 +73,16 @@ class BatchNorm(nn.Cell):
     def construct(self, x):
         if self.training:
             n = x.shape[0]
-            # The batch sums as (1, B) @ (B, C) products and the per-column scale and shift repeated to (B, C):
-            # on CPU here an element-wise op with a broadcast operand is ~4x slower than on equal shapes, and
-            # the gradient of a batch sum is such an op (docs/design.md, "Training step").
-            ones = ops.ones((1, n), x.dtype)
-            mean = ops.matmul(ones, x).reshape((-1,)) * (1.0 / n)
-            var = ops.maximum(ops.matmul(ones, x * x).reshape((-1,)) * (1.0 / n) - mean * mean, 0.0)
-            ops.assign(self.moving_mean, self.momentum * self.moving_mean
-                       + (1 - self.momentum) * ops.stop_gradient(mean))
-            ops.assign(self.moving_variance, self.momentum * self.moving_variance
-                       + (1 - self.momentum) * ops.stop_gradient(var) * (n / max(n - 1, 1)))
+            # The batch means as (1, B) @ (B, C) products with weights 1/B and the per-column scale and shift
+            # repeated to (B, C): on CPU here an element-wise op with a broadcast operand is ~4x slower than on
+            # equal shapes, and the gradient of a batch sum is such an op; the moving averages are one Lerp
+            # each: fewer kernels, each launch costing tens of µs here (docs/design.md, "Training step").
+            weights = ops.fill(x.dtype, (1, n), 1.0 / n)
+            mean = ops.matmul(weights, x).reshape((-1,))
+            var = ops.relu(ops.matmul(weights, x * x).reshape((-1,)) - mean * mean)  # >= 0 despite rounding
+            ops.assign(self.moving_mean, ops.lerp(self.moving_mean, ops.stop_gradient(mean), 1 - self.momentum))
+            ops.assign(self.moving_variance, ops.lerp(self.moving_variance,
+                                                      ops.stop_gradient(var) * (n / max(n - 1, 1)), 1 - self.momentum))
             scale = self.gamma * ops.rsqrt(var + self.eps)
             shift = self.beta - mean * scale
             return x * ops.broadcast_to(scale, x.shape) + ops.broadcast_to(shift, x.shape)
