@@ -75,8 +75,8 @@ class BatchNorm(nn.Cell):
             n = x.shape[0]
             # The batch means as (1, B) @ (B, C) products with weights 1/B and the per-column scale and shift
             # repeated to (B, C): on CPU here an element-wise op with a broadcast operand is ~4x slower than on
-            # equal shapes, and the gradient of a batch sum is such an op; the moving averages are one Lerp
-            # each: fewer kernels, each launch costing tens of µs here (docs/design.md, "Training step").
+            # equal shapes, and the gradient of a batch sum is such an op; each moving average is one Lerp and
+            # the variance is clipped by ReLU (one gradient kernel): few kernels (docs/design.md, "Training step").
             weights = ops.fill(x.dtype, (1, n), 1.0 / n)
             mean = ops.matmul(weights, x).reshape((-1,))
             var = ops.relu(ops.matmul(weights, x * x).reshape((-1,)) - mean * mean)  # >= 0 despite rounding

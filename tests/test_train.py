@@ -398,3 +398,23 @@ def test_ranks_get_disjoint_shards_of_equal_size():
     assert sorted(np.concatenate([s["label"] for s in shards])) == list(range(6))
     assert all((s["x"] == s["label"] * 10).all() for s in shards)
     assert train.World().shard(arrays) is arrays
+
+
+def test_rank_sync_averages_float_statistics_and_leaves_dropout_offsets(tmp_path):
+    """At an epoch end the BatchNorm moving statistics are averaged over the ranks; the dropout pools' offsets
+    (int64, equal on every rank) are left alone: through float32 an offset above 2**24 would be rounded."""
+    import mindspore as ms
+    from model import build_model
+    cfg = small(tmp_path, dropout=0.2)
+    model = build_model(train.load_dataset(cfg).meta, cfg)
+    offsets = [p for name, p in model.parameters_and_names() if name.endswith("mask_offset")]
+    means = [p for name, p in model.parameters_and_names() if name.endswith("moving_mean")]
+    assert offsets and means
+    for p in offsets:
+        p.set_data(ms.Tensor(2 ** 40 + 1, ms.int64))
+    world = train.World()
+    world.size = 2
+    world.sum = lambda values: values + 1.0  # the other rank: every statistic 1 higher -> average + 0.5
+    world.sync_statistics(model)
+    assert all(int(p.asnumpy()) == 2 ** 40 + 1 for p in offsets)
+    assert all(np.allclose(p.asnumpy(), 0.5) for p in means)
