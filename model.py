@@ -61,7 +61,7 @@ class Tower(nn.Cell):
     def __init__(self, spec, cfg, se=None, extra_dim=0):
         super().__init__()
         self.embedding = FeatureEmbedding(spec, cfg.embed_dim)
-        self.attention = field_attention(se or cfg.se, self.embedding.n_fields)
+        self.attention = field_attention(se or cfg.se, self.embedding.n_fields, cfg.embed_dim)
         self.flat_dim = self.embedding.n_fields * cfg.embed_dim
         self.mlp_in = self.flat_dim + self.embedding.n_dense + extra_dim
         self.mlp = MLP(self.mlp_in, cfg.mlp, cfg.dropout, cfg.batch_norm, linear_last=cfg.linear_output,
@@ -292,7 +292,7 @@ class DeepModel(FieldModel):
 
     def __init__(self, meta, cfg, wide=False, se=None):
         super().__init__(meta, cfg)
-        self.attention = field_attention(se, self.n_fields) if se else None
+        self.attention = field_attention(se, self.n_fields, cfg.embed_dim) if se else None
         self.mlp = MLP(self.flat_dim + self.n_dense, cfg.mlp, cfg.dropout, cfg.batch_norm, masks=cfg.dropout_masks)
         self.out = nn.Dense(cfg.mlp[-1] + self.parts_width(cfg), 1)
         self.wide = LR(meta, cfg) if wide else None

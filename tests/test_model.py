@@ -39,7 +39,7 @@ def dense(cell, x):
 
 def test_lightse_matches_numpy_and_weights_sum_to_one():
     e = RNG.normal(size=(5, 4, 3)).astype(np.float32)
-    cell = LightSE(4)
+    cell = LightSE(4, 3)
     a = softmax(dense(cell.excitation, e.mean(-1)))
     np.testing.assert_allclose(cell(T(e)).asnumpy(), e + e * a[..., None], atol=1e-5)
     w = cell.weights(T(e)).asnumpy()
@@ -47,9 +47,24 @@ def test_lightse_matches_numpy_and_weights_sum_to_one():
     assert w.shape == (5, 4) and (w > 0).all()
 
 
+def test_lightse_gradients_match_numpy():
+    """The field means and the re-weighting are matrix products (module.FieldAttention): their gradients
+    against the chain rule of e + e * softmax(W mean(e) + b), written out in numpy."""
+    e, dy = RNG.normal(size=(2, 5, 4, 3)).astype(np.float32)
+    cell = LightSE(4, 3)
+    w = cell.excitation.weight.asnumpy()
+    de, (dw, db) = ms.grad(lambda x: (cell(x) * T(dy)).sum(), grad_position=0, weights=cell.trainable_params())(T(e))
+    a = softmax(dense(cell.excitation, e.mean(-1)))
+    ga = (dy * e).sum(-1)                                  # d loss / d a
+    gl = a * (ga - (a * ga).sum(-1, keepdims=True))        # through the softmax
+    np.testing.assert_allclose(de.asnumpy(), dy * (1 + a[..., None]) + (gl @ w)[..., None] / 3, atol=1e-5)
+    np.testing.assert_allclose(dw.asnumpy(), gl.T @ e.mean(-1), atol=1e-5)
+    np.testing.assert_allclose(db.asnumpy(), gl.sum(0), atol=1e-5)
+
+
 def test_senet_matches_numpy():
     e = RNG.normal(size=(5, 6, 3)).astype(np.float32)
-    cell = SENET(6, reduction=3)
+    cell = SENET(6, 3, reduction=3)
     hidden = np.maximum(dense(cell.squeeze, e.mean(-1)), 0)
     a = 1 / (1 + np.exp(-dense(cell.excite, hidden)))
     np.testing.assert_allclose(cell(T(e)).asnumpy(), e * a[..., None], atol=1e-5)
