@@ -20,6 +20,8 @@ def test_bench_train_times_the_three_loops(tiny_cfg):
     low, high = min(result["speedups"]), max(result["speedups"])
     assert low - 0.05 <= result["speedup_median"] <= high + 0.05
     assert result["gflop_per_step"] > 0 and 0 < result["flop_floor_ms_per_step"] < result["ours_ms_per_step"]
+    assert result["options"]["mlp"] == [32, 16] and result["options"]["dropout"] == 0.0  # what differs from defaults
+    assert "lr" not in result["options"]
 
 
 def test_torch_peer_refuses_what_it_does_not_build_and_a_missing_torch(tiny_cfg, monkeypatch):
