@@ -11,9 +11,9 @@ from mindspore.common.initializer import XavierNormal, initializer
 class FieldAttention(nn.Cell):
     """What Light-SE and SENET share: each field's mean embedding, and the fields re-weighted, both as
     matrix products with constant 0/1 block matrices: (B, F*D) @ (F*D, F) / D is the field means,
-    (B, F) @ (F, F*D) repeats a weight over its field's D values. On CPU here these are ~2.5x cheaper
-    forward + backward than ReduceSum and a broadcast product, whose gradients are a broadcast and a
-    reduction (docs/performance.md, "What each part of a step costs")."""
+    (B, F) @ (F, F*D) repeats a weight over its field's D values. Their gradients are products too; those
+    of a sum over D and of a broadcast product are a broadcast and a reduction, slower on CPU here
+    (docs/performance.md, "What each part of a step costs")."""
 
     def __init__(self, field_size, dim):
         super().__init__()
