@@ -26,7 +26,7 @@ from util import ROOT, UserError, median_ms, run_cli, say
 import numpy as np
 
 from get_dataset import id_field, load_dataset, tower_inputs
-from model_config import MODELS, Config, parse_args
+from model_config import MODELS, parse_args
 from runtime import batches, epoch_order, init_mindspore, train_step, trained_run
 
 
@@ -38,12 +38,6 @@ def machine():
                platform.processor())
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "mindspore": ms.__version__,
             "numpy": np.__version__}
-
-
-def options(cfg):
-    """The options of a run that differ from the defaults (--batch_norm false...): what a result was measured with."""
-    default = Config().to_dict()
-    return {k: v for k, v in cfg.to_dict().items() if v != default[k]}
 
 
 def timed(fn, steps):
@@ -204,7 +198,7 @@ def bench_train(cfg, repeats, steps, peer=None, peer_masks="kernel"):
     floor = machine_floor()  # the arithmetic floor of a step: its FLOPs at this machine's fp32 GEMM peak
     flops = step_flops(model, cfg)
     result.update({"gflop_per_step": round(flops / 1e9, 2), "gemm_peak_gflop_s": floor["gemm_gflop_s"],
-                   "flop_floor_ms_per_step": round(flops / floor["gemm_gflop_s"] / 1e6, 1), "options": options(cfg),
+                   "flop_floor_ms_per_step": round(flops / floor["gemm_gflop_s"] / 1e6, 1), "options": cfg.changed(),
                    "machine": machine()})
     return result
 
@@ -533,7 +527,7 @@ def bench_profile(cfg, steps, peer=None, peer_masks="kernel"):
                            "operators_ms_per_step": round(sum(peer_ms.values()), 1),
                            "matrix_products_ms_per_step": peer_gemm, "other_operators_ms_per_step": peer_rest,
                            "top_operators_ms_per_step": top_ms(peer_ms)}
-    result.update({"kernel_probes": kernel_probes(), "options": options(cfg), "machine": machine()})
+    result.update({"kernel_probes": kernel_probes(), "options": cfg.changed(), "machine": machine()})
     return result
 
 

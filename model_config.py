@@ -198,6 +198,11 @@ class Config:
     def to_dict(self):
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
+    def changed(self):
+        """The keys whose values differ from the defaults, as in to_dict()."""
+        default = type(self)().to_dict()
+        return {k: v for k, v in self.to_dict().items() if v != default[k]}
+
     def replace(self, **changes):
         return dataclasses.replace(self, **changes).validate()
 

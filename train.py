@@ -136,8 +136,8 @@ def choose_run_dir(cfg, meta):
 
 def config_summary(cfg):
     """The keys that differ from the defaults (the whole config goes to the run's config.json)."""
-    default, where = type(cfg)().to_dict(), keys_of("run")  # the run directory is printed on its own
-    changed = [f"{k}={v}" for k, v in cfg.to_dict().items() if v != default[k] and k not in where]
+    where = keys_of("run")  # the run directory is printed on its own
+    changed = [f"{k}={v}" for k, v in cfg.changed().items() if k not in where]
     return f"{cfg.model}, " + (" ".join(changed) if changed else "defaults")
 
 

@@ -282,6 +282,14 @@ def test_config_overrides_are_typed():
             defaults.embed_dim) == (2048, 5e-4, 0.1, (300, 300, 128), 4, 64, 32)
 
 
+def test_config_changed_is_what_differs_from_the_defaults():
+    """Config.changed(): what train.py's first log line and benchmark.py's JSON ("options") report."""
+    cfg = Config().replace(lr=0.01, mlp=(8, 4), output_dir="x")
+    assert cfg.changed() == {"lr": 0.01, "mlp": [8, 4], "output_dir": "x"} and Config().changed() == {}
+    assert train.config_summary(cfg) == "inttower, mlp=[8, 4] lr=0.01"  # run keys are printed on their own
+    assert train.config_summary(Config()) == "inttower, defaults"
+
+
 def test_same_options_in_every_command():
     for script in ("train.py", "get_dataset.py"):
         out = run_cli(script, "--help")
