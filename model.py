@@ -65,7 +65,8 @@ class Tower(nn.Cell):
         self.flat_dim = self.embedding.n_fields * cfg.embed_dim
         self.mlp_in = self.flat_dim + self.embedding.n_dense + extra_dim
         self.mlp = MLP(self.mlp_in, cfg.mlp, cfg.dropout, cfg.batch_norm, linear_last=cfg.linear_output,
-                       last_batch_norm=cfg.output_batch_norm, masks=cfg.dropout_masks)
+                       last_batch_norm=cfg.output_batch_norm, masks=cfg.dropout_masks,
+                       norm_kernel=cfg.batch_norm_kernel)
 
     def features(self, *inputs):
         fields, dense = self.embedding(*inputs)
@@ -293,7 +294,8 @@ class DeepModel(FieldModel):
     def __init__(self, meta, cfg, wide=False, se=None):
         super().__init__(meta, cfg)
         self.attention = field_attention(se, self.n_fields, cfg.embed_dim) if se else None
-        self.mlp = MLP(self.flat_dim + self.n_dense, cfg.mlp, cfg.dropout, cfg.batch_norm, masks=cfg.dropout_masks)
+        self.mlp = MLP(self.flat_dim + self.n_dense, cfg.mlp, cfg.dropout, cfg.batch_norm, masks=cfg.dropout_masks,
+                       norm_kernel=cfg.batch_norm_kernel)
         self.out = nn.Dense(cfg.mlp[-1] + self.parts_width(cfg), 1)
         self.wide = LR(meta, cfg) if wide else None
 

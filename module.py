@@ -2,6 +2,14 @@
 
 Shapes: B batch, F fields, D embedding size, L user layers used by the FE-Block, H heads, p head size.
 """
+import atexit
+import functools
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
 import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
@@ -71,14 +79,52 @@ def field_attention(kind, field_size, dim):
     return {"lightse": LightSE, "senet": SENET}[kind](field_size, dim) if kind != "none" else None
 
 
+@functools.lru_cache(maxsize=None)
+def fused_batch_norm():
+    """BatchNorm's training forward (and ReLU) as one MindSpore Custom op of type "aot", its gradient as a second:
+    (x, gamma, beta, (eps, relu)) -> (y, mean, biased var). batch_norm.cc, built with g++ for this CPU once per
+    process (~1 s) into a temporary folder. None, with the reason on stderr, where it cannot be had: a device other
+    than the CPU (whose BatchNorm kernels are fused already) or no working C++ compiler."""
+    if ms.get_context("device_target") != "CPU":
+        return None
+    folder = Path(tempfile.mkdtemp(prefix="inttower-kernels-"))
+    atexit.register(shutil.rmtree, folder, True)
+    library = folder / "batch_norm.so"
+    command = ["g++", "-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC", "-o", str(library),
+               str(Path(__file__).with_name("batch_norm.cc"))]
+    try:
+        subprocess.run(command, check=True, capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.SubprocessError) as e:
+        why = getattr(e, "stderr", None) or str(e)
+        print(f"note: BatchNorm uses MindSpore ops (the fused kernel did not build: {why.strip()[:300]})",
+              file=sys.stderr)
+        return None
+
+    def outputs(*inputs):  # forward (x, gamma, ...), backward (dy, x, y, gamma, ...): (B, C), (C,), (C,)
+        x, gamma = (inputs[0], inputs[1]) if len(inputs) == 4 else (inputs[1], inputs[3])
+        return x, gamma, gamma
+
+    backward = ops.Custom(f"{library}:BatchNormBackward", out_shape=outputs, out_dtype=outputs, func_type="aot")
+
+    def bprop(x, gamma, beta, options, out, dout):
+        # mean and var leave the cell only through stop_gradient (the moving averages): their gradients are 0
+        dx, dgamma, dbeta = backward(dout[0], x, out[0], gamma, out[1], out[2], options)
+        return dx, dgamma, dbeta, ops.zeros_like(options)
+
+    return ops.Custom(f"{library}:BatchNormForward", out_shape=outputs, out_dtype=outputs, func_type="aot",
+                      bprop=bprop)
+
+
 class BatchNorm(nn.Cell):
-    """BatchNorm over the batch axis of (B, C), statistics in one pass: E[x], E[x^2].
+    """BatchNorm over the batch axis of (B, C), then ReLU if `relu`: (B, C) -> (B, C). Inference uses the moving
+    statistics.
 
-    Same result as nn.BatchNorm1d (moving statistics with `momentum`, unbiased moving variance),
-    several times cheaper forward + backward on CPU here, where the fused kernel is slow (docs/design.md,
-    "Training step"). Inference uses the moving statistics."""
+    Same result as nn.BatchNorm1d (moving statistics with `momentum`, unbiased moving variance). `kernel`:
+    "fused", one C++ kernel forward and one backward (`fused_batch_norm`; the "ops" form where that cannot be
+    had), or "ops", MindSpore ops with the statistics in one pass, E[x] and E[x^2], several times cheaper than
+    nn.BatchNorm1d's kernel on CPU here (docs/design.md, "Training step")."""
 
-    def __init__(self, channels, momentum=0.9, eps=1e-5):
+    def __init__(self, channels, momentum=0.9, eps=1e-5, kernel="fused", relu=False):
         super().__init__()
         self.gamma = ms.Parameter(ops.ones(channels, ms.float32), name="gamma")
         self.beta = ms.Parameter(ops.zeros(channels, ms.float32), name="beta")
@@ -86,27 +132,41 @@ class BatchNorm(nn.Cell):
         self.moving_variance = ms.Parameter(ops.ones(channels, ms.float32), name="moving_variance",
                                             requires_grad=False)
         self.momentum, self.eps = momentum, eps
+        self.fused = fused_batch_norm() if kernel == "fused" else None
+        self.relu = relu
+        self.options = ms.Tensor([eps, float(relu)], ms.float32)
+
+    def normalise(self, x):
+        """Training: (output, batch mean, biased batch variance)."""
+        if self.fused is not None:
+            return self.fused(x, self.gamma, self.beta, self.options)
+        # The batch means as (1, B) @ (B, C) products with weights 1/B and the per-column scale and shift
+        # repeated to (B, C): on CPU here an element-wise op with a broadcast operand is ~4x slower than on
+        # equal shapes, and the gradient of a batch sum is such an op; the variance is clipped by ReLU (one
+        # gradient kernel): few kernels (docs/design.md, "Training step").
+        n = x.shape[0]
+        weights = ops.fill(x.dtype, (1, n), 1.0 / n)
+        mean = ops.matmul(weights, x).reshape((-1,))
+        var = ops.relu(ops.matmul(weights, x * x).reshape((-1,)) - mean * mean)  # >= 0 despite rounding
+        scale = self.gamma * ops.rsqrt(var + self.eps)
+        shift = self.beta - mean * scale
+        y = x * ops.broadcast_to(scale, x.shape) + ops.broadcast_to(shift, x.shape)
+        return (ops.relu(y) if self.relu else y), mean, var
 
     def construct(self, x):
         if self.training:
             n = x.shape[0]
-            # The batch means as (1, B) @ (B, C) products with weights 1/B and the per-column scale and shift
-            # repeated to (B, C): on CPU here an element-wise op with a broadcast operand is ~4x slower than on
-            # equal shapes, and the gradient of a batch sum is such an op; each moving average is one Lerp and
-            # the variance is clipped by ReLU (one gradient kernel): few kernels (docs/design.md, "Training step").
-            weights = ops.fill(x.dtype, (1, n), 1.0 / n)
-            mean = ops.matmul(weights, x).reshape((-1,))
-            var = ops.relu(ops.matmul(weights, x * x).reshape((-1,)) - mean * mean)  # >= 0 despite rounding
+            y, mean, var = self.normalise(x)
+            # each moving average is one Lerp
             ops.assign(self.moving_mean, ops.lerp(self.moving_mean, ops.stop_gradient(mean), 1 - self.momentum))
             ops.assign(self.moving_variance, ops.lerp(self.moving_variance,
                                                       ops.stop_gradient(var) * (n / max(n - 1, 1)), 1 - self.momentum))
-            scale = self.gamma * ops.rsqrt(var + self.eps)
-            shift = self.beta - mean * scale
-            return x * ops.broadcast_to(scale, x.shape) + ops.broadcast_to(shift, x.shape)
+            return y
         # inference: sqrt and division, ops MindSpore's ONNX exporter knows (it lacks Rsqrt); broadcasting
         # operands, as the batch size of an exported graph is dynamic
         scale = self.gamma / ops.sqrt(self.moving_variance + self.eps)
-        return x * scale + (self.beta - self.moving_mean * scale)
+        y = x * scale + (self.beta - self.moving_mean * scale)
+        return ops.relu(y) if self.relu else y
 
 
 def mask_pool(p, channels, rows=8192):
@@ -151,18 +211,21 @@ class MLP(nn.Cell):
     (B, hidden[l]); the FE-Block reads all of them, other models the last. `linear_last`: the last layer
     is Dense -> BatchNorm only, a linear output a dot product or CIR can use with either sign; with
     `last_batch_norm` False, Dense (with its bias) only. `masks`: where Dropout's masks come from
-    (`dropout_cell`)."""
+    (`dropout_cell`); `norm_kernel`: BatchNorm's `kernel` ("fused": BatchNorm applies the ReLU in its kernel,
+    and the ReLU's place in the layer holds an nn.Identity, so that the cells after it keep their parameter
+    names)."""
 
     def __init__(self, in_dim, hidden, dropout=0.0, batch_norm=True, linear_last=False, last_batch_norm=True,
-                 masks="pool"):
+                 masks="pool", norm_kernel="fused"):
         super().__init__()
         layers = []
         for k, size in enumerate(hidden):
             hidden_layer = not (linear_last and k == len(hidden) - 1)
             norm = batch_norm and (hidden_layer or last_batch_norm)
             block = [nn.Dense(in_dim, size, has_bias=not norm)]  # BatchNorm's beta is the bias
-            block += [BatchNorm(size)] if norm else []
-            block += [nn.ReLU()] if hidden_layer else []
+            fuse = norm and hidden_layer and norm_kernel == "fused"
+            block += [BatchNorm(size, kernel=norm_kernel, relu=fuse)] if norm else []
+            block += [nn.Identity() if fuse else nn.ReLU()] if hidden_layer else []
             block += [dropout_cell(dropout, size, masks)] if dropout > 0 and hidden_layer else []
             layers.append(nn.SequentialCell(block))
             in_dim = size

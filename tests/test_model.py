@@ -70,39 +70,87 @@ def test_senet_matches_numpy():
     np.testing.assert_allclose(cell(T(e)).asnumpy(), e * a[..., None], atol=1e-5)
 
 
-def test_batchnorm_matches_numpy_train_and_eval():
+def batchnorm_reference(x, gamma, beta, relu, eps=1e-5):
+    """(y, dL/dx, dL/dgamma, dL/dbeta as functions of dL/dy) of BatchNorm in training, ReLU after if `relu`."""
+    xhat = (x - x.mean(0)) / np.sqrt(x.var(0) + eps)
+    z = xhat * gamma + beta
+    y = np.maximum(z, 0) if relu else z
+
+    def grads(dy):
+        g = dy * (z > 0) if relu else dy
+        dx = gamma / np.sqrt(x.var(0) + eps) * (g - g.mean(0) - xhat * (g * xhat).mean(0))
+        return dx, (g * xhat).sum(0), g.sum(0)
+    return y, grads
+
+
+KERNELS = [("ops", False), ("ops", True), ("fused", False), ("fused", True)]
+
+
+@pytest.mark.parametrize("kernel,relu", KERNELS)
+def test_batchnorm_matches_numpy_train_and_eval(kernel, relu):
     x = RNG.normal(2.0, 3.0, size=(64, 7)).astype(np.float32)
-    bn = BatchNorm(7, momentum=0.9)
+    bn = BatchNorm(7, momentum=0.9, kernel=kernel, relu=relu)
+    assert (bn.fused is not None) == (kernel == "fused")  # the kernel built here (g++ present), or the test is moot
     bn.gamma.set_data(T(RNG.normal(size=7).astype(np.float32)))
     bn.beta.set_data(T(RNG.normal(size=7).astype(np.float32)))
     g, b = bn.gamma.asnumpy(), bn.beta.asnumpy()
     bn.set_train(True)
     out = bn(T(x)).asnumpy()
-    ref = (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-5) * g + b
-    np.testing.assert_allclose(out, ref, atol=1e-4)
+    np.testing.assert_allclose(out, batchnorm_reference(x, g, b, relu)[0], atol=1e-4)
     np.testing.assert_allclose(bn.moving_mean.asnumpy(), 0.1 * x.mean(0), atol=1e-5)
     np.testing.assert_allclose(bn.moving_variance.asnumpy(), 0.9 + 0.1 * x.var(0, ddof=1), rtol=1e-4)
     bn.set_train(False)
     mm, mv = bn.moving_mean.asnumpy(), bn.moving_variance.asnumpy()
-    np.testing.assert_allclose(bn(T(x)).asnumpy(), (x - mm) / np.sqrt(mv + 1e-5) * g + b, atol=1e-4)
+    z = (x - mm) / np.sqrt(mv + 1e-5) * g + b
+    np.testing.assert_allclose(bn(T(x)).asnumpy(), np.maximum(z, 0) if relu else z, atol=1e-4)
 
 
-def test_batchnorm_gradients_match_numpy():
-    """The training path (batch sums as products, operands repeated to equal shapes) has the gradients of
-    batch normalisation: dx = g/sigma (dy - mean(dy) - xhat mean(dy xhat)), dgamma = sum(dy xhat), dbeta = sum(dy)."""
-    import mindspore as ms
+@pytest.mark.parametrize("kernel,relu", KERNELS)
+def test_batchnorm_gradients_match_numpy(kernel, relu):
+    """Both training paths (ops: batch sums as products, operands repeated to equal shapes; fused: batch_norm.cc)
+    have the gradients of batch normalisation (and ReLU): with g = dy (masked by z > 0 under ReLU),
+    dx = gamma/sigma (g - mean(g) - xhat mean(g xhat)), dgamma = sum(g xhat), dbeta = sum(g)."""
     x = RNG.normal(1.0, 2.0, size=(32, 5)).astype(np.float32)
     dy = RNG.normal(size=(32, 5)).astype(np.float32)
-    bn = BatchNorm(5)
+    bn = BatchNorm(5, kernel=kernel, relu=relu)
     bn.gamma.set_data(T(RNG.normal(size=5).astype(np.float32)))
+    bn.beta.set_data(T(RNG.normal(size=5).astype(np.float32)))
     bn.set_train(True)
-    gamma = bn.gamma.asnumpy()
-    dx, (dgamma, dbeta) = ms.grad(lambda v: (bn(v) * T(dy)).sum(), 0, bn.trainable_params())(T(x))
-    xhat = (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-5)
-    ref_dx = gamma / np.sqrt(x.var(0) + 1e-5) * (dy - dy.mean(0) - xhat * (dy * xhat).mean(0))
-    np.testing.assert_allclose(dx.asnumpy(), ref_dx, atol=1e-4)
-    np.testing.assert_allclose(dgamma.asnumpy(), (dy * xhat).sum(0), atol=1e-4)
-    np.testing.assert_allclose(dbeta.asnumpy(), dy.sum(0), atol=1e-4)
+    _, grads = batchnorm_reference(x, bn.gamma.asnumpy(), bn.beta.asnumpy(), relu)
+    got = ms.grad(lambda v: (bn(v) * T(dy)).sum(), 0, bn.trainable_params())(T(x))
+    for value, ref in zip([got[0], *got[1]], grads(dy)):
+        np.testing.assert_allclose(value.asnumpy(), ref, atol=1e-4)
+
+
+def test_fused_batchnorm_trains_as_the_ops_one_in_graph_mode():
+    """The training step's mode: an MLP's loss and every gradient are the same with either kernel."""
+    x, dy = RNG.normal(size=(256, 12)).astype(np.float32), RNG.normal(size=(256, 5)).astype(np.float32)
+    ms.set_context(mode=ms.GRAPH_MODE)
+    results = []
+    for kernel in ("ops", "fused"):
+        ms.set_seed(1)
+        mlp = MLP(12, (16, 5), dropout=0.0, norm_kernel=kernel)
+        mlp.set_train(True)
+
+        class Loss(nn.Cell):
+            def __init__(self):
+                super().__init__()
+                self.mlp = mlp
+
+            def construct(self, v):
+                return (self.mlp(v)[-1] * T(dy)).sum()
+        loss, grads = ms.value_and_grad(Loss(), None, mlp.trainable_params())(T(x))
+        results.append([loss.asnumpy()] + [g.asnumpy() for g in grads])
+    assert [type(c) for c in mlp.layers[0]] == [nn.Dense, BatchNorm, nn.Identity]  # ReLU inside the kernel
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_batchnorm_falls_back_to_ops_without_a_compiler(monkeypatch, capsys):
+    import module
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert module.fused_batch_norm.__wrapped__() is None
+    assert "BatchNorm uses MindSpore ops (the fused kernel did not build" in capsys.readouterr().err
 
 
 def test_mlp_returns_every_layer():
@@ -459,8 +507,10 @@ def test_linear_output_towers_end_without_relu_and_dropout():
     assert (u0.asnumpy() >= 0).all() and (v0.asnumpy() >= 0).all()
     assert (u1.asnumpy() < 0).any() and (v1.asnumpy() < 0).any()
     kinds = [[type(c).__name__ for c in layer.cell_list] for layer in linear.user_tower.mlp.layers]
-    assert "ReLU" in kinds[0] and "Dropout" in kinds[0]
-    assert "ReLU" not in kinds[-1] and "Dropout" not in kinds[-1] and "BatchNorm" in kinds[-1]
+    relus = [any(isinstance(c, nn.ReLU) or getattr(c, "relu", False) for c in layer.cell_list)  # in BatchNorm's kernel
+             for layer in linear.user_tower.mlp.layers]
+    assert relus[0] and "Dropout" in kinds[0]
+    assert not relus[-1] and "Dropout" not in kinds[-1] and "BatchNorm" in kinds[-1]
     plain = M.build_model(META, SMALL.replace(model="two_tower", linear_output=True, output_batch_norm=False))
     last = plain.user_tower.mlp.layers[-1].cell_list
     assert [type(c).__name__ for c in last] == ["Dense"] and last[0].has_bias  # --output_batch_norm false
