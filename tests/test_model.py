@@ -70,33 +70,39 @@ def test_senet_matches_numpy():
     np.testing.assert_allclose(cell(T(e)).asnumpy(), e * a[..., None], atol=1e-5)
 
 
-def batchnorm_reference(x, gamma, beta, relu, eps=1e-5):
-    """(y, dL/dx, dL/dgamma, dL/dbeta as functions of dL/dy) of BatchNorm in training, ReLU after if `relu`."""
+def batchnorm_reference(x, gamma, beta, relu, masks=1.0, eps=1e-5):
+    """(y, dL/dx, dL/dgamma, dL/dbeta as functions of dL/dy) of BatchNorm in training, ReLU after if `relu`,
+    then times the dropout `masks`."""
     xhat = (x - x.mean(0)) / np.sqrt(x.var(0) + eps)
     z = xhat * gamma + beta
-    y = np.maximum(z, 0) if relu else z
+    y = (np.maximum(z, 0) if relu else z) * masks
 
     def grads(dy):
-        g = dy * (z > 0) if relu else dy
+        g = dy * masks * (z > 0) if relu else dy * masks
         dx = gamma / np.sqrt(x.var(0) + eps) * (g - g.mean(0) - xhat * (g * xhat).mean(0))
         return dx, (g * xhat).sum(0), g.sum(0)
     return y, grads
 
 
-KERNELS = [("ops", False), ("ops", True), ("fused", False), ("fused", True)]
+KERNELS = [(kernel, relu, dropout) for kernel in ("ops", "fused") for relu, dropout in ((False, 0), (True, 0), (True, 0.4))]
 
 
-@pytest.mark.parametrize("kernel,relu", KERNELS)
-def test_batchnorm_matches_numpy_train_and_eval(kernel, relu):
+def first_masks(bn, n):
+    return bn.dropout.pool.asnumpy()[:n] if bn.dropout is not None else 1.0
+
+
+@pytest.mark.parametrize("kernel,relu,dropout", KERNELS)
+def test_batchnorm_matches_numpy_train_and_eval(kernel, relu, dropout):
     x = RNG.normal(2.0, 3.0, size=(64, 7)).astype(np.float32)
-    bn = BatchNorm(7, momentum=0.9, kernel=kernel, relu=relu)
+    bn = BatchNorm(7, momentum=0.9, kernel=kernel, relu=relu, dropout=dropout)
     assert (bn.fused is not None) == (kernel == "fused")  # the kernel built here (g++ present), or the test is moot
     bn.gamma.set_data(T(RNG.normal(size=7).astype(np.float32)))
     bn.beta.set_data(T(RNG.normal(size=7).astype(np.float32)))
     g, b = bn.gamma.asnumpy(), bn.beta.asnumpy()
     bn.set_train(True)
+    masks = first_masks(bn, 64)
     out = bn(T(x)).asnumpy()
-    np.testing.assert_allclose(out, batchnorm_reference(x, g, b, relu)[0], atol=1e-4)
+    np.testing.assert_allclose(out, batchnorm_reference(x, g, b, relu, masks)[0], atol=1e-4)
     np.testing.assert_allclose(bn.moving_mean.asnumpy(), 0.1 * x.mean(0), atol=1e-5)
     np.testing.assert_allclose(bn.moving_variance.asnumpy(), 0.9 + 0.1 * x.var(0, ddof=1), rtol=1e-4)
     bn.set_train(False)
@@ -105,31 +111,33 @@ def test_batchnorm_matches_numpy_train_and_eval(kernel, relu):
     np.testing.assert_allclose(bn(T(x)).asnumpy(), np.maximum(z, 0) if relu else z, atol=1e-4)
 
 
-@pytest.mark.parametrize("kernel,relu", KERNELS)
-def test_batchnorm_gradients_match_numpy(kernel, relu):
+@pytest.mark.parametrize("kernel,relu,dropout", KERNELS)
+def test_batchnorm_gradients_match_numpy(kernel, relu, dropout):
     """Both training paths (ops: batch sums as products, operands repeated to equal shapes; fused: batch_norm.cc)
-    have the gradients of batch normalisation (and ReLU): with g = dy (masked by z > 0 under ReLU),
+    have the gradients of batch normalisation (and ReLU, dropout): with g = dy m (masked by z > 0 under ReLU),
     dx = gamma/sigma (g - mean(g) - xhat mean(g xhat)), dgamma = sum(g xhat), dbeta = sum(g)."""
     x = RNG.normal(1.0, 2.0, size=(32, 5)).astype(np.float32)
     dy = RNG.normal(size=(32, 5)).astype(np.float32)
-    bn = BatchNorm(5, kernel=kernel, relu=relu)
+    bn = BatchNorm(5, kernel=kernel, relu=relu, dropout=dropout)
     bn.gamma.set_data(T(RNG.normal(size=5).astype(np.float32)))
     bn.beta.set_data(T(RNG.normal(size=5).astype(np.float32)))
     bn.set_train(True)
-    _, grads = batchnorm_reference(x, bn.gamma.asnumpy(), bn.beta.asnumpy(), relu)
+    _, grads = batchnorm_reference(x, bn.gamma.asnumpy(), bn.beta.asnumpy(), relu, first_masks(bn, 32))
     got = ms.grad(lambda v: (bn(v) * T(dy)).sum(), 0, bn.trainable_params())(T(x))
     for value, ref in zip([got[0], *got[1]], grads(dy)):
         np.testing.assert_allclose(value.asnumpy(), ref, atol=1e-4)
 
 
 def test_fused_batchnorm_trains_as_the_ops_one_in_graph_mode():
-    """The training step's mode: an MLP's loss and every gradient are the same with either kernel."""
+    """The training step's mode: an MLP with dropout from a pool and a linear last layer (BatchNorm alone) has the
+    same loss and gradients with either kernel, over two steps (the second reads the next masks of the pool)."""
     x, dy = RNG.normal(size=(256, 12)).astype(np.float32), RNG.normal(size=(256, 5)).astype(np.float32)
     ms.set_context(mode=ms.GRAPH_MODE)
-    results = []
+    results = {}
     for kernel in ("ops", "fused"):
         ms.set_seed(1)
-        mlp = MLP(12, (16, 5), dropout=0.0, norm_kernel=kernel)
+        np.random.seed(1)  # the pools of masks
+        mlp = MLP(12, (16, 8, 5), dropout=0.3, linear_last=True, norm_kernel=kernel)
         mlp.set_train(True)
 
         class Loss(nn.Cell):
@@ -139,10 +147,15 @@ def test_fused_batchnorm_trains_as_the_ops_one_in_graph_mode():
 
             def construct(self, v):
                 return (self.mlp(v)[-1] * T(dy)).sum()
-        loss, grads = ms.value_and_grad(Loss(), None, mlp.trainable_params())(T(x))
-        results.append([loss.asnumpy()] + [g.asnumpy() for g in grads])
-    assert [type(c) for c in mlp.layers[0]] == [nn.Dense, BatchNorm, nn.Identity]  # ReLU inside the kernel
-    for a, b in zip(*results):
+        step = ms.value_and_grad(Loss(), None, mlp.trainable_params())
+        results[kernel] = [[loss.asnumpy()] + [g.asnumpy() for g in grads]
+                           for loss, grads in (step(T(x)), step(T(x)))]
+        offsets = [int(p.asnumpy()) for name, p in mlp.parameters_and_names() if name.endswith("mask_offset")]
+        assert offsets == [2 * 256] * 2
+    # fused: ReLU and Dropout inside BatchNorm's kernel
+    assert [type(c) for c in mlp.layers[0]] == [nn.Dense, BatchNorm] and mlp.layers[0][1].dropout is not None
+    assert not np.allclose(results["ops"][0][0], results["ops"][1][0])  # the masks moved on
+    for a, b in zip(sum(results["ops"], []), sum(results["fused"], [])):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
@@ -195,7 +208,10 @@ def test_pooled_dropout_reads_the_pool_in_order_and_is_seeded():
     kernel = M.build_model(META, SMALL.replace(model="two_tower", dropout=0.1, dropout_masks="kernel"))
     assert type(kernel.user_tower.mlp.layers[0].cell_list[-1]) is nn.Dropout
     pooled = M.build_model(META, SMALL.replace(model="two_tower", dropout=0.1))  # the default reaches the towers
-    assert type(pooled.user_tower.mlp.layers[0].cell_list[-1]) is Dropout
+    fused = pooled.user_tower.mlp.layers[0].cell_list[-1]
+    assert type(fused) is BatchNorm and type(fused.dropout) is Dropout  # (--batch_norm_kernel fused: in its kernel)
+    ops = M.build_model(META, SMALL.replace(model="two_tower", dropout=0.1, batch_norm_kernel="ops"))
+    assert type(ops.user_tower.mlp.layers[0].cell_list[-1]) is Dropout
 
 
 def maxsim_loops(user, item):
@@ -507,10 +523,11 @@ def test_linear_output_towers_end_without_relu_and_dropout():
     assert (u0.asnumpy() >= 0).all() and (v0.asnumpy() >= 0).all()
     assert (u1.asnumpy() < 0).any() and (v1.asnumpy() < 0).any()
     kinds = [[type(c).__name__ for c in layer.cell_list] for layer in linear.user_tower.mlp.layers]
-    relus = [any(isinstance(c, nn.ReLU) or getattr(c, "relu", False) for c in layer.cell_list)  # in BatchNorm's kernel
-             for layer in linear.user_tower.mlp.layers]
-    assert relus[0] and "Dropout" in kinds[0]
-    assert not relus[-1] and "Dropout" not in kinds[-1] and "BatchNorm" in kinds[-1]
+    relus, drops = ([any(isinstance(c, kind) or getattr(c, attribute, None) for c in layer.cell_list)
+                     for layer in linear.user_tower.mlp.layers]  # the cell, or in BatchNorm's kernel
+                    for kind, attribute in ((nn.ReLU, "relu"), (Dropout, "dropout")))
+    assert relus[0] and drops[0]
+    assert not relus[-1] and not drops[-1] and "BatchNorm" in kinds[-1]
     plain = M.build_model(META, SMALL.replace(model="two_tower", linear_output=True, output_batch_norm=False))
     last = plain.user_tower.mlp.layers[-1].cell_list
     assert [type(c).__name__ for c in last] == ["Dense"] and last[0].has_bias  # --output_batch_norm false
