@@ -32,13 +32,10 @@ bool dtypes_are(int count, const char **dtypes, std::vector<int> int64 = {}) {
   return true;
 }
 
-}  // namespace
-
-namespace {
-
+// The forward, without (masks false: 7 parameters) or with the dropout pool and offset (9).
 int forward(bool masks, int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
-  if (nparam != (masks ? 9 : 7) || ndims[0] != 2 || !dtypes_are(nparam, dtypes, masks ? std::vector<int>{5} : std::vector<int>{}))
-    return 1;
+  const std::vector<int> int64 = masks ? std::vector<int>{5} : std::vector<int>{};  // the offset
+  if (nparam != (masks ? 9 : 7) || ndims[0] != 2 || !dtypes_are(nparam, dtypes, int64)) return 1;
   const int out = masks ? 6 : 4;
   const float *x = static_cast<float *>(params[0]), *gamma = static_cast<float *>(params[1]),
               *beta = static_cast<float *>(params[2]), *options = static_cast<float *>(params[3]);

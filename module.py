@@ -118,8 +118,9 @@ def fused_batch_norm():
     def bprop_masks(x, gamma, beta, options, pool, offset, out, dout):
         return bprop(x, gamma, beta, options, out, dout) + (ops.zeros_like(pool), ops.zeros_like(offset))
 
-    return tuple(ops.Custom(f"{library}:{name}", out_shape=forward_outputs, out_dtype=forward_outputs, func_type="aot",
-                            bprop=b) for name, b in (("BatchNormForward", bprop), ("BatchNormDropoutForward", bprop_masks)))
+    entries = (("BatchNormForward", bprop), ("BatchNormDropoutForward", bprop_masks))
+    return tuple(ops.Custom(f"{library}:{name}", out_shape=forward_outputs, out_dtype=forward_outputs,
+                            func_type="aot", bprop=b) for name, b in entries)
 
 
 class BatchNorm(nn.Cell):
@@ -139,6 +140,8 @@ class BatchNorm(nn.Cell):
         self.moving_variance = ms.Parameter(ops.ones(channels, ms.float32), name="moving_variance",
                                             requires_grad=False)
         self.momentum, self.eps = momentum, eps
+        if dropout > 0 and not relu:  # the fused backward finds the kept units by the output's sign
+            raise ValueError("BatchNorm: dropout inside BatchNorm needs relu=True")
         self.fused = fused_batch_norm() if kernel == "fused" else None
         self.relu = relu
         self.dropout = Dropout(dropout, channels) if dropout > 0 else None  # the masks and their offset
