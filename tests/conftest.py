@@ -1,6 +1,7 @@
 """Shared fixtures: small data sets written in the exact GroupLens formats, and a tiny config."""
 import gzip
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -13,6 +14,11 @@ sys.path.insert(0, str(ROOT))
 from model_config import Config  # noqa: E402
 
 REAL_ML1M = Path(os.environ.get("INTTOWER_ML1M", ROOT.parent / "shared" / "data" / "ml-1m"))
+
+
+# Tests of the fused BatchNorm kernel (batch_norm.cc): without g++ training falls back to MindSpore ops
+needs_gxx = pytest.mark.skipif(shutil.which("g++") is None, reason="no g++ here: the fused BatchNorm kernel cannot "
+                               "be built (training falls back to the ops form, tested too)")
 
 
 def real_file(name):

@@ -1,6 +1,5 @@
 """module.py / model.py: every cell against a small numpy reference, decoupling, every switch."""
 import itertools
-import shutil
 
 import mindspore as ms
 import numpy as np
@@ -11,6 +10,7 @@ import model as M
 from model_config import Config
 from module import BatchNorm, CIRLoss, Dropout, FEBlock, LightSE, MLP, SENET
 from util import UserError
+from conftest import needs_gxx
 
 RNG = np.random.default_rng(0)
 
@@ -85,8 +85,6 @@ def batchnorm_reference(x, gamma, beta, relu, masks=1.0, eps=1e-5):
     return y, grads
 
 
-needs_gxx = pytest.mark.skipif(shutil.which("g++") is None, reason="no g++ here: the fused BatchNorm kernel cannot "
-                               "be built (training falls back to the ops form, tested too)")
 KERNELS = [pytest.param(kernel, relu, dropout, marks=[needs_gxx] if kernel == "fused" else [])
            for kernel in ("ops", "fused") for relu, dropout in ((False, 0), (True, 0), (True, 0.4))]
 
