@@ -1,18 +1,15 @@
-// BatchNorm in training, optionally followed by ReLU and dropout, over the batch axis of a row-major (B, C)
-// float32 matrix: forward and backward each one kernel of a few passes over the rows, for MindSpore's Custom op
-// of type "aot" on CPU (module.fused_batch_norm builds this file with g++). Single-threaded: MindSpore runs
-// independent kernels (the two towers) on its own threads at once.
+// BatchNorm in training, optionally followed by ReLU, over the batch axis of a row-major (B, C) float32 matrix:
+// forward and backward each one kernel of a few passes over the rows, for MindSpore's Custom op of type "aot" on
+// CPU (module.fused_batch_norm builds this file with g++). Single-threaded: MindSpore runs independent kernels
+// (the two towers) on its own threads at once.
 //
-//   forward   in: x (B, C), gamma (C), beta (C), options (3) [, pool (R, C), offset (int64)]
-//             out: y (B, C), mean (C), var (C) (biased)
+//   forward   in: x (B, C), gamma (C), beta (C), options (2)         out: y (B, C), mean (C), var (C) (biased)
 //   backward  in: dy (B, C), x, y, gamma, mean, var, options        out: dx (B, C), dgamma (C), dbeta (C)
-//   options = (eps, relu, keep): relu 1 applies ReLU; with pool and offset, row i of y is multiplied by dropout
-//   mask row (offset + i) mod R of the pool, whose values are 0 or keep (1 / (1 - p); 1 without dropout).
+//   options = (eps, relu): relu 1 applies ReLU to the output (the backward then reads y for its mask).
 //
-// z = gamma (x - mean) r + beta with r = 1 / sqrt(var + eps), y = z or max(z, 0) m. With ReLU, y > 0 exactly
-// where z > 0 and the mask is keep (elsewhere dL/dz is 0), so the backward needs y and keep, not the mask:
-// g = dL/dz = dy keep where y > 0, else 0 (g = dy without ReLU). With s = sum g and q = sum g (x - mean):
-// dbeta = s, dgamma = r q and dx = gamma r (g - s / B - (x - mean) r^2 q / B).
+// z = gamma (x - mean) r + beta with r = 1 / sqrt(var + eps), y = z or max(z, 0); with g = dL/dz (dy, masked
+// by y > 0 under ReLU), s = sum g and q = sum g (x - mean): dbeta = s, dgamma = r q and
+// dx = gamma r (g - s / B - (x - mean) r^2 q / B).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -21,30 +18,23 @@
 
 namespace {
 
-bool is(const char *dtype, const char *name) { return std::strcmp(dtype, name) == 0; }
-
-// Every parameter float32 but those listed in `int64` (indices in 0 .. count - 1).
-bool dtypes_are(int count, const char **dtypes, std::vector<int> int64 = {}) {
+bool float32(int count, const char **dtypes) {
   for (int k = 0; k < count; ++k) {
-    const bool integer = std::find(int64.begin(), int64.end(), k) != int64.end();
-    if (integer ? !is(dtypes[k], "int64") : !(is(dtypes[k], "float32") || is(dtypes[k], "float"))) return false;
+    if (std::strcmp(dtypes[k], "float32") != 0 && std::strcmp(dtypes[k], "float") != 0) return false;
   }
   return true;
 }
 
-// The forward, without (masks false: 7 parameters) or with the dropout pool and offset (9).
-int forward(bool masks, int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
-  const std::vector<int> int64 = masks ? std::vector<int>{5} : std::vector<int>{};  // the offset
-  if (nparam != (masks ? 9 : 7) || ndims[0] != 2 || !dtypes_are(nparam, dtypes, int64)) return 1;
-  const int out = masks ? 6 : 4;
+}  // namespace
+
+extern "C" int BatchNormForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                void *stream, void *extra) {
+  if (nparam != 7 || ndims[0] != 2 || !float32(nparam, dtypes)) return 1;
   const float *x = static_cast<float *>(params[0]), *gamma = static_cast<float *>(params[1]),
               *beta = static_cast<float *>(params[2]), *options = static_cast<float *>(params[3]);
-  float *y = static_cast<float *>(params[out]), *mean = static_cast<float *>(params[out + 1]),
-        *var = static_cast<float *>(params[out + 2]);
+  float *y = static_cast<float *>(params[4]), *mean = static_cast<float *>(params[5]),
+        *var = static_cast<float *>(params[6]);
   const int64_t n = shapes[0][0], c = shapes[0][1];
-  const float *pool = masks ? static_cast<float *>(params[4]) : nullptr;
-  const int64_t rows = masks ? shapes[4][0] : 1, offset = masks ? *static_cast<int64_t *>(params[5]) : 0;
-  if (masks && (ndims[4] != 2 || shapes[4][1] != c || rows < 1)) return 1;
   const float low = options[1] != 0.0f ? 0.0f : -INFINITY;  // ReLU: max(z, 0); none: max(z, -inf) = z
   std::vector<float> a(c, 0.0f), b(c, 0.0f);
   for (int64_t i = 0; i < n; ++i) {  // the means, then the variances about them (two passes: no cancellation)
@@ -66,34 +56,15 @@ int forward(bool masks, int nparam, void **params, int *ndims, int64_t **shapes,
   for (int64_t i = 0; i < n; ++i) {
     const float *xi = x + i * c;
     float *yi = y + i * c;
-    if (masks) {
-      const float *m = pool + ((offset + i) % rows) * c;
 #pragma omp simd
-      for (int64_t j = 0; j < c; ++j) yi[j] = std::max(xi[j] * a[j] + b[j], low) * m[j];
-    } else {
-#pragma omp simd
-      for (int64_t j = 0; j < c; ++j) yi[j] = std::max(xi[j] * a[j] + b[j], low);
-    }
+    for (int64_t j = 0; j < c; ++j) yi[j] = std::max(xi[j] * a[j] + b[j], low);
   }
   return 0;
 }
 
-}  // namespace
-
-// Two entry points, as MindSpore keys a Custom op's gradient by its function: without and with dropout masks.
-extern "C" int BatchNormForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                                void *stream, void *extra) {
-  return forward(false, nparam, params, ndims, shapes, dtypes);
-}
-
-extern "C" int BatchNormDropoutForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                                       void *stream, void *extra) {
-  return forward(true, nparam, params, ndims, shapes, dtypes);
-}
-
 extern "C" int BatchNormBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                  void *stream, void *extra) {
-  if (nparam != 10 || ndims[0] != 2 || !dtypes_are(nparam, dtypes)) return 1;
+  if (nparam != 10 || ndims[0] != 2 || !float32(nparam, dtypes)) return 1;
   const float *dy = static_cast<float *>(params[0]), *x = static_cast<float *>(params[1]),
               *y = static_cast<float *>(params[2]), *gamma = static_cast<float *>(params[3]),
               *mean = static_cast<float *>(params[4]), *var = static_cast<float *>(params[5]),
@@ -102,14 +73,13 @@ extern "C" int BatchNormBackward(int nparam, void **params, int *ndims, int64_t 
         *dbeta = static_cast<float *>(params[9]);
   const int64_t n = shapes[0][0], c = shapes[0][1];
   const bool relu = options[1] != 0.0f;
-  const float keep = options[2];
   std::vector<float> s(c, 0.0f), q(c, 0.0f);
   for (int64_t i = 0; i < n; ++i) {  // g into dx, and its sums
     const float *dyi = dy + i * c, *xi = x + i * c, *yi = y + i * c;
     float *gi = dx + i * c;
     if (relu) {
 #pragma omp simd
-      for (int64_t j = 0; j < c; ++j) gi[j] = yi[j] > 0.0f ? dyi[j] * keep : 0.0f;
+      for (int64_t j = 0; j < c; ++j) gi[j] = yi[j] > 0.0f ? dyi[j] : 0.0f;
     } else {
       std::memcpy(gi, dyi, c * sizeof(float));
     }

@@ -150,11 +150,10 @@ class Config:
                                       "pool of 8,192 masks drawn once (seeded, cheaper on CPU); kernel: nn.Dropout, a "
                                       "fresh random number per element (not seedable here; the results tables up to "
                                       "2026-12-06)", "train", ("pool", "kernel"))
-    batch_norm_kernel: str = _opt("fused", "how BatchNorm trains. fused: BatchNorm, ReLU and (pool) Dropout as one "
-                                           "C++ kernel forward and one backward (batch_norm.cc, built with g++ at start; "
-                                           "CPU only: ops elsewhere or without a compiler); ops: MindSpore ops, ReLU and "
-                                           "Dropout apart (the results tables up to 2026-12-07)", "train",
-                                  ("fused", "ops"))
+    batch_norm_kernel: str = _opt("fused", "how BatchNorm trains. fused: BatchNorm and the ReLU after it as one C++ "
+                                           "kernel forward and one backward (batch_norm.cc, built with g++ at start; CPU "
+                                           "only: ops elsewhere or without a compiler); ops: MindSpore ops (the results "
+                                           "tables up to 2026-12-07)", "train", ("fused", "ops"))
     weight_decay: float = _opt(0.0, "Adam weight decay", "train")
     distribute: bool = _opt(False, "data-parallel training (set automatically when launched by msrun)", "train")
     epochs: int = _opt(10, "maximum number of epochs", "budget")

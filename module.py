@@ -81,11 +81,10 @@ def field_attention(kind, field_size, dim):
 
 @functools.lru_cache(maxsize=None)
 def fused_batch_norm():
-    """BatchNorm's training forward, with ReLU and dropout, as one MindSpore Custom op of type "aot", and its
-    gradient as a second (batch_norm.cc, built with g++ for this CPU once per process, ~1 s, into a temporary
-    folder): a pair of ops, (x, gamma, beta, (eps, relu, keep)) -> (y, mean, biased var) and the same with two
-    more inputs, a dropout pool and offset (module.Dropout's). None, with the reason on stderr, where it cannot be
-    had: a device other than the CPU (whose BatchNorm kernels are fused already) or no working C++ compiler."""
+    """BatchNorm's training forward (and ReLU) as one MindSpore Custom op of type "aot", its gradient as a second:
+    (x, gamma, beta, (eps, relu)) -> (y, mean, biased var). batch_norm.cc, built with g++ for this CPU once per
+    process (~1 s) into a temporary folder. None, with the reason on stderr, where it cannot be had: a device other
+    than the CPU (whose BatchNorm kernels are fused already) or no working C++ compiler."""
     if ms.get_context("device_target") != "CPU":
         return None
     folder = Path(tempfile.mkdtemp(prefix="inttower-kernels-"))
@@ -101,38 +100,31 @@ def fused_batch_norm():
               file=sys.stderr)
         return None
 
-    def forward_outputs(x, gamma, *_):
-        return x, gamma, gamma  # y (B, C), mean (C,), var (C,)
+    def outputs(*inputs):  # forward (x, gamma, ...), backward (dy, x, y, gamma, ...): (B, C), (C,), (C,)
+        x, gamma = (inputs[0], inputs[1]) if len(inputs) == 4 else (inputs[1], inputs[3])
+        return x, gamma, gamma
 
-    def backward_outputs(dy, x, y, gamma, *_):
-        return x, gamma, gamma  # dx, dgamma, dbeta
+    backward = ops.Custom(f"{library}:BatchNormBackward", out_shape=outputs, out_dtype=outputs, func_type="aot")
 
-    backward = ops.Custom(f"{library}:BatchNormBackward", out_shape=backward_outputs, out_dtype=backward_outputs,
-                          func_type="aot")
-
-    # mean and var leave the cell only through stop_gradient (the moving averages): their gradients are 0; the
-    # backward needs y, not the dropout masks (batch_norm.cc)
     def bprop(x, gamma, beta, options, out, dout):
-        return backward(dout[0], x, out[0], gamma, out[1], out[2], options) + (ops.zeros_like(options),)
+        # mean and var leave the cell only through stop_gradient (the moving averages): their gradients are 0
+        dx, dgamma, dbeta = backward(dout[0], x, out[0], gamma, out[1], out[2], options)
+        return dx, dgamma, dbeta, ops.zeros_like(options)
 
-    def bprop_masks(x, gamma, beta, options, pool, offset, out, dout):
-        return bprop(x, gamma, beta, options, out, dout) + (ops.zeros_like(pool), ops.zeros_like(offset))
-
-    entries = (("BatchNormForward", bprop), ("BatchNormDropoutForward", bprop_masks))
-    return tuple(ops.Custom(f"{library}:{name}", out_shape=forward_outputs, out_dtype=forward_outputs,
-                            func_type="aot", bprop=b) for name, b in entries)
+    return ops.Custom(f"{library}:BatchNormForward", out_shape=outputs, out_dtype=outputs, func_type="aot",
+                      bprop=bprop)
 
 
 class BatchNorm(nn.Cell):
-    """BatchNorm over the batch axis of (B, C), then ReLU if `relu` and Dropout (module.Dropout, its pool of masks)
-    if `dropout` > 0: (B, C) -> (B, C). Inference uses the moving statistics (and no dropout).
+    """BatchNorm over the batch axis of (B, C), then ReLU if `relu`: (B, C) -> (B, C). Inference uses the moving
+    statistics.
 
     Same result as nn.BatchNorm1d (moving statistics with `momentum`, unbiased moving variance). `kernel`:
-    "fused", one C++ kernel forward and one backward for all three (`fused_batch_norm`; the "ops" form where that
-    cannot be had), or "ops", MindSpore ops with the statistics in one pass, E[x] and E[x^2], several times
-    cheaper than nn.BatchNorm1d's kernel on CPU here (docs/design.md, "Training step")."""
+    "fused", one C++ kernel forward and one backward (`fused_batch_norm`; the "ops" form where that cannot be
+    had), or "ops", MindSpore ops with the statistics in one pass, E[x] and E[x^2], several times cheaper than
+    nn.BatchNorm1d's kernel on CPU here (docs/design.md, "Training step")."""
 
-    def __init__(self, channels, momentum=0.9, eps=1e-5, kernel="fused", relu=False, dropout=0.0):
+    def __init__(self, channels, momentum=0.9, eps=1e-5, kernel="fused", relu=False):
         super().__init__()
         self.gamma = ms.Parameter(ops.ones(channels, ms.float32), name="gamma")
         self.beta = ms.Parameter(ops.zeros(channels, ms.float32), name="beta")
@@ -140,22 +132,14 @@ class BatchNorm(nn.Cell):
         self.moving_variance = ms.Parameter(ops.ones(channels, ms.float32), name="moving_variance",
                                             requires_grad=False)
         self.momentum, self.eps = momentum, eps
-        if dropout > 0 and not relu:  # the fused backward finds the kept units by the output's sign
-            raise ValueError("BatchNorm: dropout inside BatchNorm needs relu=True")
         self.fused = fused_batch_norm() if kernel == "fused" else None
         self.relu = relu
-        self.dropout = Dropout(dropout, channels) if dropout > 0 else None  # the masks and their offset
-        keep = np.float32(1.0) / np.float32(1.0 - dropout)  # a kept unit's mask value, as in the pool
-        self.options = ms.Tensor(np.array([eps, relu, keep], np.float32))
+        self.options = ms.Tensor([eps, float(relu)], ms.float32)
 
     def normalise(self, x):
         """Training: (output, batch mean, biased batch variance)."""
         if self.fused is not None:
-            if self.dropout is None:
-                return self.fused[0](x, self.gamma, self.beta, self.options)
-            out = self.fused[1](x, self.gamma, self.beta, self.options, self.dropout.pool, self.dropout.mask_offset)
-            ops.assign_add(self.dropout.mask_offset, ops.scalar_to_tensor(x.shape[0], ms.int64))
-            return out
+            return self.fused(x, self.gamma, self.beta, self.options)
         # The batch means as (1, B) @ (B, C) products with weights 1/B and the per-column scale and shift
         # repeated to (B, C): on CPU here an element-wise op with a broadcast operand is ~4x slower than on
         # equal shapes, and the gradient of a batch sum is such an op; the variance is clipped by ReLU (one
@@ -167,8 +151,7 @@ class BatchNorm(nn.Cell):
         scale = self.gamma * ops.rsqrt(var + self.eps)
         shift = self.beta - mean * scale
         y = x * ops.broadcast_to(scale, x.shape) + ops.broadcast_to(shift, x.shape)
-        y = ops.relu(y) if self.relu else y
-        return (self.dropout(y) if self.dropout is not None else y), mean, var
+        return (ops.relu(y) if self.relu else y), mean, var
 
     def construct(self, x):
         if self.training:
@@ -228,8 +211,9 @@ class MLP(nn.Cell):
     (B, hidden[l]); the FE-Block reads all of them, other models the last. `linear_last`: the last layer
     is Dense -> BatchNorm only, a linear output a dot product or CIR can use with either sign; with
     `last_batch_norm` False, Dense (with its bias) only. `masks`: where Dropout's masks come from
-    (`dropout_cell`); `norm_kernel`: BatchNorm's `kernel` ("fused": a hidden layer is Dense -> BatchNorm, which
-    applies the ReLU, and the Dropout of a pool, in its kernels)."""
+    (`dropout_cell`); `norm_kernel`: BatchNorm's `kernel` ("fused": BatchNorm applies the ReLU in its kernel,
+    and the ReLU's place in the layer holds an nn.Identity, so that the cells after it keep their parameter
+    names)."""
 
     def __init__(self, in_dim, hidden, dropout=0.0, batch_norm=True, linear_last=False, last_batch_norm=True,
                  masks="pool", norm_kernel="fused"):
@@ -239,11 +223,10 @@ class MLP(nn.Cell):
             hidden_layer = not (linear_last and k == len(hidden) - 1)
             norm = batch_norm and (hidden_layer or last_batch_norm)
             block = [nn.Dense(in_dim, size, has_bias=not norm)]  # BatchNorm's beta is the bias
-            fuse = norm and hidden_layer and norm_kernel == "fused"  # ReLU and pooled Dropout in BatchNorm
-            fused_dropout = dropout if fuse and masks == "pool" else 0.0
-            block += [BatchNorm(size, kernel=norm_kernel, relu=fuse, dropout=fused_dropout)] if norm else []
-            block += [nn.ReLU()] if hidden_layer and not fuse else []
-            block += [dropout_cell(dropout, size, masks)] if dropout > 0 and hidden_layer and not fused_dropout else []
+            fuse = norm and hidden_layer and norm_kernel == "fused"
+            block += [BatchNorm(size, kernel=norm_kernel, relu=fuse)] if norm else []
+            block += [nn.Identity() if fuse else nn.ReLU()] if hidden_layer else []
+            block += [dropout_cell(dropout, size, masks)] if dropout > 0 and hidden_layer else []
             layers.append(nn.SequentialCell(block))
             in_dim = size
         self.layers = nn.CellList(layers)

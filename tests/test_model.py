@@ -71,40 +71,34 @@ def test_senet_matches_numpy():
     np.testing.assert_allclose(cell(T(e)).asnumpy(), e * a[..., None], atol=1e-5)
 
 
-def batchnorm_reference(x, gamma, beta, relu, masks=1.0, eps=1e-5):
-    """(y, dL/dx, dL/dgamma, dL/dbeta as functions of dL/dy) of BatchNorm in training, ReLU after if `relu`,
-    then times the dropout `masks`."""
+def batchnorm_reference(x, gamma, beta, relu, eps=1e-5):
+    """(y, dL/dx, dL/dgamma, dL/dbeta as functions of dL/dy) of BatchNorm in training, ReLU after if `relu`."""
     xhat = (x - x.mean(0)) / np.sqrt(x.var(0) + eps)
     z = xhat * gamma + beta
-    y = (np.maximum(z, 0) if relu else z) * masks
+    y = np.maximum(z, 0) if relu else z
 
     def grads(dy):
-        g = dy * masks * (z > 0) if relu else dy * masks
+        g = dy * (z > 0) if relu else dy
         dx = gamma / np.sqrt(x.var(0) + eps) * (g - g.mean(0) - xhat * (g * xhat).mean(0))
         return dx, (g * xhat).sum(0), g.sum(0)
     return y, grads
 
 
-KERNELS = [pytest.param(kernel, relu, dropout, marks=[needs_gxx] if kernel == "fused" else [])
-           for kernel in ("ops", "fused") for relu, dropout in ((False, 0), (True, 0), (True, 0.4))]
+KERNELS = [pytest.param(kernel, relu, marks=[needs_gxx] if kernel == "fused" else [])
+           for kernel in ("ops", "fused") for relu in (False, True)]
 
 
-def first_masks(bn, n):
-    return bn.dropout.pool.asnumpy()[:n] if bn.dropout is not None else 1.0
-
-
-@pytest.mark.parametrize("kernel,relu,dropout", KERNELS)
-def test_batchnorm_matches_numpy_train_and_eval(kernel, relu, dropout):
+@pytest.mark.parametrize("kernel,relu", KERNELS)
+def test_batchnorm_matches_numpy_train_and_eval(kernel, relu):
     x = RNG.normal(2.0, 3.0, size=(64, 7)).astype(np.float32)
-    bn = BatchNorm(7, momentum=0.9, kernel=kernel, relu=relu, dropout=dropout)
+    bn = BatchNorm(7, momentum=0.9, kernel=kernel, relu=relu)
     assert (bn.fused is not None) == (kernel == "fused")  # the kernel built here (g++ present), or the test is moot
     bn.gamma.set_data(T(RNG.normal(size=7).astype(np.float32)))
     bn.beta.set_data(T(RNG.normal(size=7).astype(np.float32)))
     g, b = bn.gamma.asnumpy(), bn.beta.asnumpy()
     bn.set_train(True)
-    masks = first_masks(bn, 64)
     out = bn(T(x)).asnumpy()
-    np.testing.assert_allclose(out, batchnorm_reference(x, g, b, relu, masks)[0], atol=1e-4)
+    np.testing.assert_allclose(out, batchnorm_reference(x, g, b, relu)[0], atol=1e-4)
     np.testing.assert_allclose(bn.moving_mean.asnumpy(), 0.1 * x.mean(0), atol=1e-5)
     np.testing.assert_allclose(bn.moving_variance.asnumpy(), 0.9 + 0.1 * x.var(0, ddof=1), rtol=1e-4)
     bn.set_train(False)
@@ -113,18 +107,18 @@ def test_batchnorm_matches_numpy_train_and_eval(kernel, relu, dropout):
     np.testing.assert_allclose(bn(T(x)).asnumpy(), np.maximum(z, 0) if relu else z, atol=1e-4)
 
 
-@pytest.mark.parametrize("kernel,relu,dropout", KERNELS)
-def test_batchnorm_gradients_match_numpy(kernel, relu, dropout):
+@pytest.mark.parametrize("kernel,relu", KERNELS)
+def test_batchnorm_gradients_match_numpy(kernel, relu):
     """Both training paths (ops: batch sums as products, operands repeated to equal shapes; fused: batch_norm.cc)
-    have the gradients of batch normalisation (and ReLU, dropout): with g = dy m (masked by z > 0 under ReLU),
+    have the gradients of batch normalisation (and ReLU): with g = dy (masked by z > 0 under ReLU),
     dx = gamma/sigma (g - mean(g) - xhat mean(g xhat)), dgamma = sum(g xhat), dbeta = sum(g)."""
     x = RNG.normal(1.0, 2.0, size=(32, 5)).astype(np.float32)
     dy = RNG.normal(size=(32, 5)).astype(np.float32)
-    bn = BatchNorm(5, kernel=kernel, relu=relu, dropout=dropout)
+    bn = BatchNorm(5, kernel=kernel, relu=relu)
     bn.gamma.set_data(T(RNG.normal(size=5).astype(np.float32)))
     bn.beta.set_data(T(RNG.normal(size=5).astype(np.float32)))
     bn.set_train(True)
-    _, grads = batchnorm_reference(x, bn.gamma.asnumpy(), bn.beta.asnumpy(), relu, first_masks(bn, 32))
+    _, grads = batchnorm_reference(x, bn.gamma.asnumpy(), bn.beta.asnumpy(), relu)
     got = ms.grad(lambda v: (bn(v) * T(dy)).sum(), 0, bn.trainable_params())(T(x))
     for value, ref in zip([got[0], *got[1]], grads(dy)):
         np.testing.assert_allclose(value.asnumpy(), ref, atol=1e-4)
@@ -155,8 +149,8 @@ def test_fused_batchnorm_trains_as_the_ops_one_in_graph_mode():
                            for loss, grads in (step(T(x)), step(T(x)))]
         offsets = [int(p.asnumpy()) for name, p in mlp.parameters_and_names() if name.endswith("mask_offset")]
         assert offsets == [2 * 256] * 2
-    # fused: ReLU and Dropout inside BatchNorm's kernel
-    assert [type(c) for c in mlp.layers[0]] == [nn.Dense, BatchNorm] and mlp.layers[0][1].dropout is not None
+    # fused: the ReLU inside BatchNorm's kernel (its place kept, so that the Dropout keeps its parameter names)
+    assert [type(c) for c in mlp.layers[0]] == [nn.Dense, BatchNorm, nn.Identity, Dropout] and mlp.layers[0][1].relu
     assert not np.allclose(results["ops"][0][0], results["ops"][1][0])  # the masks moved on
     for a, b in zip(sum(results["ops"], []), sum(results["fused"], [])):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
@@ -211,10 +205,7 @@ def test_pooled_dropout_reads_the_pool_in_order_and_is_seeded():
     kernel = M.build_model(META, SMALL.replace(model="two_tower", dropout=0.1, dropout_masks="kernel"))
     assert type(kernel.user_tower.mlp.layers[0].cell_list[-1]) is nn.Dropout
     pooled = M.build_model(META, SMALL.replace(model="two_tower", dropout=0.1))  # the default reaches the towers
-    fused = pooled.user_tower.mlp.layers[0].cell_list[-1]
-    assert type(fused) is BatchNorm and type(fused.dropout) is Dropout  # (--batch_norm_kernel fused: in its kernel)
-    ops = M.build_model(META, SMALL.replace(model="two_tower", dropout=0.1, batch_norm_kernel="ops"))
-    assert type(ops.user_tower.mlp.layers[0].cell_list[-1]) is Dropout
+    assert type(pooled.user_tower.mlp.layers[0].cell_list[-1]) is Dropout
 
 
 def maxsim_loops(user, item):
@@ -526,11 +517,10 @@ def test_linear_output_towers_end_without_relu_and_dropout():
     assert (u0.asnumpy() >= 0).all() and (v0.asnumpy() >= 0).all()
     assert (u1.asnumpy() < 0).any() and (v1.asnumpy() < 0).any()
     kinds = [[type(c).__name__ for c in layer.cell_list] for layer in linear.user_tower.mlp.layers]
-    relus, drops = ([any(isinstance(c, kind) or getattr(c, attribute, None) for c in layer.cell_list)
-                     for layer in linear.user_tower.mlp.layers]  # the cell, or in BatchNorm's kernel
-                    for kind, attribute in ((nn.ReLU, "relu"), (Dropout, "dropout")))
-    assert relus[0] and drops[0]
-    assert not relus[-1] and not drops[-1] and "BatchNorm" in kinds[-1]
+    relus = [any(isinstance(c, nn.ReLU) or getattr(c, "relu", False) for c in layer.cell_list)  # in BatchNorm's kernel
+             for layer in linear.user_tower.mlp.layers]
+    assert relus[0] and "Dropout" in kinds[0]
+    assert not relus[-1] and "Dropout" not in kinds[-1] and "BatchNorm" in kinds[-1]
     plain = M.build_model(META, SMALL.replace(model="two_tower", linear_output=True, output_batch_norm=False))
     last = plain.user_tower.mlp.layers[-1].cell_list
     assert [type(c).__name__ for c in last] == ["Dense"] and last[0].has_bias  # --output_batch_norm false
