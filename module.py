@@ -100,19 +100,22 @@ def fused_batch_norm():
               file=sys.stderr)
         return None
 
-    def outputs(*inputs):  # forward (x, gamma, ...), backward (dy, x, y, gamma, ...): (B, C), (C,), (C,)
-        x, gamma = (inputs[0], inputs[1]) if len(inputs) == 4 else (inputs[1], inputs[3])
-        return x, gamma, gamma
+    def forward_outputs(x, gamma, beta, options):
+        return x, gamma, gamma  # y (B, C), mean (C,), var (C,): shapes and dtypes
 
-    backward = ops.Custom(f"{library}:BatchNormBackward", out_shape=outputs, out_dtype=outputs, func_type="aot")
+    def backward_outputs(dy, x, y, gamma, mean, var, options):
+        return x, gamma, gamma  # dx, dgamma, dbeta
+
+    backward = ops.Custom(f"{library}:BatchNormBackward", out_shape=backward_outputs, out_dtype=backward_outputs,
+                          func_type="aot")
 
     def bprop(x, gamma, beta, options, out, dout):
         # mean and var leave the cell only through stop_gradient (the moving averages): their gradients are 0
         dx, dgamma, dbeta = backward(dout[0], x, out[0], gamma, out[1], out[2], options)
         return dx, dgamma, dbeta, ops.zeros_like(options)
 
-    return ops.Custom(f"{library}:BatchNormForward", out_shape=outputs, out_dtype=outputs, func_type="aot",
-                      bprop=bprop)
+    return ops.Custom(f"{library}:BatchNormForward", out_shape=forward_outputs, out_dtype=forward_outputs,
+                      func_type="aot", bprop=bprop)
 
 
 class BatchNorm(nn.Cell):
