@@ -25,15 +25,17 @@ bool float32(int count, const char **dtypes) {
   return true;
 }
 
+// The k-th of the op's inputs and outputs (all float32 here).
+float *tensor(void **params, int k) { return static_cast<float *>(params[k]); }
+
 }  // namespace
 
 extern "C" int BatchNormForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                 void *stream, void *extra) {
   if (nparam != 7 || ndims[0] != 2 || !float32(nparam, dtypes)) return 1;
-  const float *x = static_cast<float *>(params[0]), *gamma = static_cast<float *>(params[1]),
-              *beta = static_cast<float *>(params[2]), *options = static_cast<float *>(params[3]);
-  float *y = static_cast<float *>(params[4]), *mean = static_cast<float *>(params[5]),
-        *var = static_cast<float *>(params[6]);
+  const float *x = tensor(params, 0), *gamma = tensor(params, 1), *beta = tensor(params, 2),
+              *options = tensor(params, 3);
+  float *y = tensor(params, 4), *mean = tensor(params, 5), *var = tensor(params, 6);
   const int64_t n = shapes[0][0], c = shapes[0][1];
   const float low = options[1] != 0.0f ? 0.0f : -INFINITY;  // ReLU: max(z, 0); none: max(z, -inf) = z
   std::vector<float> a(c, 0.0f), b(c, 0.0f);
@@ -65,12 +67,9 @@ extern "C" int BatchNormForward(int nparam, void **params, int *ndims, int64_t *
 extern "C" int BatchNormBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                  void *stream, void *extra) {
   if (nparam != 10 || ndims[0] != 2 || !float32(nparam, dtypes)) return 1;
-  const float *dy = static_cast<float *>(params[0]), *x = static_cast<float *>(params[1]),
-              *y = static_cast<float *>(params[2]), *gamma = static_cast<float *>(params[3]),
-              *mean = static_cast<float *>(params[4]), *var = static_cast<float *>(params[5]),
-              *options = static_cast<float *>(params[6]);
-  float *dx = static_cast<float *>(params[7]), *dgamma = static_cast<float *>(params[8]),
-        *dbeta = static_cast<float *>(params[9]);
+  const float *dy = tensor(params, 0), *x = tensor(params, 1), *y = tensor(params, 2), *gamma = tensor(params, 3),
+              *mean = tensor(params, 4), *var = tensor(params, 5), *options = tensor(params, 6);
+  float *dx = tensor(params, 7), *dgamma = tensor(params, 8), *dbeta = tensor(params, 9);
   const int64_t n = shapes[0][0], c = shapes[0][1];
   const bool relu = options[1] != 0.0f;
   std::vector<float> s(c, 0.0f), q(c, 0.0f);
