@@ -124,7 +124,8 @@ class IntTower(RecModel):
         last = cfg.mlp[-1]
         if cfg.interaction == "fe":
             dims = (self.user_tower.mlp_in,) + tuple(cfg.mlp)
-            self.fe = FEBlock(dims, last, cfg.heads, cfg.head_dim, fe_user_layers(cfg), cfg.fe_mean)
+            self.fe = FEBlock(dims, last, cfg.heads, cfg.head_dim, fe_user_layers(cfg), cfg.fe_mean,
+                             cfg.maxsim_kernel)
         elif cfg.interaction == "fc":
             self.head = nn.SequentialCell([nn.Dense(2 * last, last, activation="relu"), nn.Dense(last, 1)])
         elif cfg.interaction == "cosine":
@@ -174,9 +175,13 @@ class IntTower(RecModel):
         return self.head(ops.concat((user, item), -1)).squeeze(-1)
 
     def forward(self, *inputs):
+        item_ids = inputs[self.n_user_inputs][:, self.item_id] if self.item_id is not None else None
+        if self.interaction == "fe":  # from the layers: the FE-Block's fused kernel in training (FEBlock.pair_scores)
+            layers = self.user_tower(*inputs[:self.n_user_inputs])
+            item_last = self.item_tower(*inputs[self.n_user_inputs:])[-1]
+            return self.fe.pair_scores(layers, item_last) + self.bias, (layers[-1], item_last, item_ids)
         user, user_last = self._user(inputs[:self.n_user_inputs])
         item, item_last = self._item(inputs[self.n_user_inputs:])
-        item_ids = inputs[self.n_user_inputs][:, self.item_id] if self.item_id is not None else None
         return self.score(user, item), (user_last, item_last, item_ids)
 
     def construct(self, *inputs):

@@ -60,7 +60,7 @@ ROLES = {
 
 
 # What runs saved before a key existed were trained with, where today's default differs
-BEFORE_THE_KEY = {"dropout_masks": "kernel", "batch_norm_kernel": "ops"}
+BEFORE_THE_KEY = {"dropout_masks": "kernel", "batch_norm_kernel": "ops", "maxsim_kernel": "ops"}
 
 
 def _opt(default, help, role, choices=None):
@@ -154,6 +154,10 @@ class Config:
                                            "kernel forward and one backward (batch_norm.cc, built with g++ at start; CPU "
                                            "only: ops elsewhere or without a compiler); ops: MindSpore ops (the results "
                                            "tables up to 2026-12-07)", "train", ("fused", "ops"))
+    maxsim_kernel: str = _opt("fused", "how the FE-Block's score trains. fused: the head biases, products and maxima "
+                                       "as one C++ kernel forward and one backward (maxsim.cc, built with g++ at start; "
+                                       "CPU only, up to 4 user layers: ops otherwise); ops: MindSpore ops (runs up to "
+                                       "2026-12-07)", "train", ("fused", "ops"))
     weight_decay: float = _opt(0.0, "Adam weight decay", "train")
     distribute: bool = _opt(False, "data-parallel training (set automatically when launched by msrun)", "train")
     epochs: int = _opt(10, "maximum number of epochs", "budget")

@@ -79,25 +79,39 @@ def field_attention(kind, field_size, dim):
     return {"lightse": LightSE, "senet": SENET}[kind](field_size, dim) if kind != "none" else None
 
 
+KERNEL_SOURCES = ("batch_norm.cc", "maxsim.cc")
+
+
 @functools.lru_cache(maxsize=None)
-def fused_batch_norm():
-    """BatchNorm's training forward (and ReLU) as one MindSpore Custom op of type "aot", its gradient as a second:
-    (x, gamma, beta, (eps, relu)) -> (y, mean, biased var). batch_norm.cc, built with g++ for this CPU once per
-    process (~1 s) into a temporary folder. None, with the reason on stderr, where it cannot be had: a device other
-    than the CPU (whose BatchNorm kernels are fused already) or no working C++ compiler."""
+def kernel_library():
+    """The training kernels (KERNEL_SOURCES: BatchNorm with ReLU, the FE-Block's MaxSim) as one shared library for
+    MindSpore's Custom ops of type "aot", built with g++ for this CPU once per process (~2 s) into a temporary
+    folder: its path, or None, with the reason on stderr, where it cannot be had: a device other than the CPU
+    (whose kernels are fused already) or no working C++ compiler. The cells then train with MindSpore ops."""
     if ms.get_context("device_target") != "CPU":
         return None
     folder = Path(tempfile.mkdtemp(prefix="inttower-kernels-"))
     atexit.register(shutil.rmtree, folder, True)
-    library = folder / "batch_norm.so"
+    library = folder / "kernels.so"
     command = ["g++", "-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC", "-o", str(library),
-               str(Path(__file__).with_name("batch_norm.cc"))]
+               *(str(Path(__file__).with_name(name)) for name in KERNEL_SOURCES)]
     try:
         subprocess.run(command, check=True, capture_output=True, text=True, timeout=300)
     except (OSError, subprocess.SubprocessError) as e:
         why = getattr(e, "stderr", None) or str(e)
-        print(f"note: BatchNorm uses MindSpore ops (the fused kernel did not build: {why.strip()[:300]})",
-              file=sys.stderr)
+        print(f"note: BatchNorm and MaxSim train as MindSpore ops (the fused kernels did not build: "
+              f"{why.strip()[:300]})", file=sys.stderr)
+        return None
+    return library
+
+
+@functools.lru_cache(maxsize=None)
+def fused_batch_norm():
+    """BatchNorm's training forward (and ReLU) as one MindSpore Custom op of type "aot", its gradient as a second:
+    (x, gamma, beta, (eps, relu)) -> (y, mean, biased var). batch_norm.cc in `kernel_library`; None where that
+    cannot be had."""
+    library = kernel_library()
+    if library is None:
         return None
 
     def forward_outputs(x, gamma, beta, options):
@@ -116,6 +130,44 @@ def fused_batch_norm():
 
     return ops.Custom(f"{library}:BatchNormForward", out_shape=forward_outputs, out_dtype=forward_outputs,
                       func_type="aot", bprop=bprop)
+
+
+@functools.lru_cache(maxsize=None)
+def fused_maxsim(layers, heads):
+    """The FE-Block's training score over `layers` user layers of `heads` heads as one Custom op of type "aot",
+    its gradient as a second: (u_1 .. u_L (B, H p) before their biases, user biases (L, H p), v (B, H p) before its
+    bias, item bias (H p)) -> (score (B,), argmax (B, L H) int32). maxsim.cc in `kernel_library`; None where that
+    cannot be had, or for more than 4 layers (a graph-mode bprop has its arguments spelled out: 1 to 4 are)."""
+    library = kernel_library()
+    if library is None or not 1 <= layers <= 4:
+        return None
+
+    def forward_shapes(*inputs):
+        return [inputs[0][0]], [inputs[0][0], layers * heads]
+
+    def forward_dtypes(*inputs):
+        return inputs[0], ms.int32
+
+    def backward_outputs(dscore, *inputs):
+        return inputs[:layers + 3]  # du_1 .. du_L, duser bias, dv, ditem bias: the inputs' shapes and dtypes
+
+    backward = ops.Custom(f"{library}:MaxSimBackward", out_shape=backward_outputs, out_dtype=backward_outputs,
+                          func_type="aot")
+
+    def bprop1(u1, ub, v, vb, out, dout):  # (inputs, out, dout) -> the inputs' gradients
+        return backward(dout[0], u1, ub, v, vb, out[1])
+
+    def bprop2(u1, u2, ub, v, vb, out, dout):
+        return backward(dout[0], u1, u2, ub, v, vb, out[1])
+
+    def bprop3(u1, u2, u3, ub, v, vb, out, dout):
+        return backward(dout[0], u1, u2, u3, ub, v, vb, out[1])
+
+    def bprop4(u1, u2, u3, u4, ub, v, vb, out, dout):
+        return backward(dout[0], u1, u2, u3, u4, ub, v, vb, out[1])
+
+    return ops.Custom(f"{library}:MaxSimForward", out_shape=forward_shapes, out_dtype=forward_dtypes,
+                      func_type="aot", bprop=(bprop1, bprop2, bprop3, bprop4)[layers - 1])
 
 
 class BatchNorm(nn.Cell):
@@ -255,9 +307,12 @@ class FEBlock(nn.Cell):
     user heads: the same family of scores (max is positively homogeneous), but the initial logits
     no longer grow with L*H (docs/design.md, "FE-Block: a mean over the user heads").
     A user's heads are computed once per user and an item's once per item, so items can be
-    indexed offline (scorer.py scores one user against an index of N items)."""
+    indexed offline (scorer.py scores one user against an index of N items).
+    `kernel` "fused": in training, `pair_scores` adds the biases, takes the products and their maxima in one C++
+    kernel forward and one backward (`fused_maxsim`; the ops below where that cannot be had); "ops": MindSpore
+    ops, as at inference and in every export."""
 
-    def __init__(self, user_dims, item_dim, heads=4, head_dim=64, user_layers=None, mean=False):
+    def __init__(self, user_dims, item_dim, heads=4, head_dim=64, user_layers=None, mean=False, kernel="fused"):
         super().__init__()
         self.heads, self.head_dim = heads, head_dim
         self.user_layers = tuple(range(len(user_dims))) if user_layers is None else tuple(user_layers)
@@ -266,20 +321,28 @@ class FEBlock(nn.Cell):
         self.user_scale = 1.0 / (len(self.user_layers) * heads) if mean else 1.0
         self.dot_t = ops.BatchMatMul(transpose_b=True)  # no Transpose op forward or backward
         self.matmul_t = ops.MatMul(transpose_b=True)
+        self.kernel = kernel
+        self.fused = fused_maxsim(len(self.user_layers), heads) if kernel == "fused" else None
 
     def keep_last_layer_only(self):
         """Drop every user projection but the last (the accelerated serving variant); the scale stays."""
         self.user_proj = nn.CellList([self.user_proj[len(self.user_layers) - 1]])
         self.user_layers = self.user_layers[-1:]
+        self.fused = fused_maxsim(1, self.heads) if self.kernel == "fused" else None
+
+    def user_projection(self, k):
+        """The weight and bias of the k-th user projection, times user_scale: the scale is applied to them (a few
+        thousand products) rather than to the heads (B x L*H*p products, forward and backward)."""
+        proj = self.user_proj[k]
+        if self.user_scale == 1.0:
+            return proj.weight, proj.bias
+        return proj.weight * self.user_scale, proj.bias * self.user_scale
 
     def user_heads(self, user_layers):
-        """(B, L, H, p), times user_scale: the scale is applied to each projection's weight and bias (a few
-        thousand products) rather than to its output (B x L*H*p products, forward and backward)."""
+        """(B, L, H, p), times user_scale."""
         heads = ()
         for k, i in enumerate(self.user_layers):
-            proj = self.user_proj[k]
-            weight, bias = (proj.weight * self.user_scale, proj.bias * self.user_scale) if self.user_scale != 1.0 \
-                else (proj.weight, proj.bias)
+            weight, bias = self.user_projection(k)
             head = ops.bias_add(self.matmul_t(user_layers[i], weight), bias)
             heads += (head.reshape((-1, 1, self.heads, self.head_dim)),)
         return ops.concat(heads, 1) if len(heads) > 1 else heads[0]
@@ -292,6 +355,20 @@ class FEBlock(nn.Cell):
         n_user_heads = len(self.user_layers) * self.heads
         dots = self.dot_t(user.reshape((-1, n_user_heads, self.head_dim)), item)
         return dots.max(axis=-1).sum(-1)
+
+    def pair_scores(self, user_layers, item_last):
+        """The score of B (user, item) pairs from the user tower's layers and the item tower's last layer: (B,).
+        In training with the fused kernel, the projections without their biases go to the kernel, which adds
+        the biases itself (no head is concatenated, biased or split in memory); else the heads, then the score."""
+        if not (self.training and self.fused is not None):
+            return self.construct(self.user_heads(user_layers), self.item_heads(item_last))
+        users, biases = (), ()
+        for k, i in enumerate(self.user_layers):
+            weight, bias = self.user_projection(k)
+            users += (self.matmul_t(user_layers[i], weight),)
+            biases += (bias,)
+        item = self.matmul_t(item_last, self.item_proj.weight)
+        return self.fused(*users, ops.stack(biases), item, self.item_proj.bias)[0]
 
 
 def unit(x, eps=1e-12):

@@ -156,11 +156,13 @@ def test_fused_batchnorm_trains_as_the_ops_one_in_graph_mode():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_fused_batchnorm_falls_back_to_ops_without_a_compiler(monkeypatch, capsys):
+def test_fused_kernels_fall_back_to_ops_without_a_compiler(monkeypatch, capsys):
     import module
     monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setattr(module, "kernel_library", module.kernel_library.__wrapped__)
     assert module.fused_batch_norm.__wrapped__() is None
-    assert "BatchNorm uses MindSpore ops (the fused kernel did not build" in capsys.readouterr().err
+    assert "BatchNorm and MaxSim train as MindSpore ops (the fused kernels did not build" in capsys.readouterr().err
+    assert module.fused_maxsim.__wrapped__(3, 4) is None
 
 
 def test_mlp_returns_every_layer():
@@ -255,6 +257,105 @@ def test_feblock_one_user_repeated_against_many_items():
     user = np.repeat(RNG.normal(size=(1, 2, 2, 3)).astype(np.float32), 7, 0)
     items = RNG.normal(size=(7, 2, 3)).astype(np.float32)
     np.testing.assert_allclose(fe(T(user), T(items)).asnumpy(), maxsim_loops(user, items), atol=1e-4)
+
+
+def feblock_reference(fe, layers, item_last, g):
+    """NumPy FE-Block in training: the score of each pair and the gradients of sum(g * score) with respect to the
+    picked user layers, the item layer and the parameters (user projections' weights and biases, then the item
+    projection's), the gradient of each max going to its first maximum."""
+    s = fe.user_scale
+    xs = [layers[i] for i in fe.user_layers]
+    users = [s * dense(proj, x) for proj, x in zip(fe.user_proj, xs)]
+    b, h, p = len(item_last), fe.heads, fe.head_dim
+    V = dense(fe.item_proj, item_last).reshape(b, h, p)
+    U = np.stack(users, 1).reshape(b, -1, h, p)
+    dots = np.einsum("blhp,bkp->blhk", U, V)
+    arg = dots.argmax(-1)  # first maximum
+    score = dots.max(-1).sum((1, 2))
+    dU = g[:, None, None, None] * np.take_along_axis(V[:, None], arg.reshape(b, -1, 1)[..., None], 2).reshape(U.shape)
+    dV = np.zeros_like(V)
+    for k in range(h):
+        dV[:, k] = g[:, None] * (U * (arg == k)[..., None]).sum((1, 2))
+    d_layers = [np.zeros_like(x) for x in layers]
+    d_params = []
+    for l, (proj, x) in enumerate(zip(fe.user_proj, xs)):
+        du = dU[:, l].reshape(b, -1)
+        d_layers[fe.user_layers[l]] += s * du @ proj.weight.asnumpy()
+        d_params += [s * du.T @ x, s * du.sum(0)]
+    dv = dV.reshape(b, -1)
+    d_params += [dv.T @ item_last, dv.sum(0)]
+    return score, d_layers, dv @ fe.item_proj.weight.asnumpy(), d_params
+
+
+MAXSIM_KERNELS = [pytest.param(kernel, marks=[needs_gxx] if kernel == "fused" else []) for kernel in ("ops", "fused")]
+
+
+@pytest.mark.parametrize("kernel", MAXSIM_KERNELS)
+@pytest.mark.parametrize("heads,head_dim,user_layers,mean", [(3, 4, (0, 1, 2), True), (4, 16, (1, 2), False),
+                                                             (2, 12, (2,), False)])
+def test_feblock_training_score_and_gradients_match_numpy(kernel, heads, head_dim, user_layers, mean):
+    """Both training paths of the FE-Block (ops: heads, then a batched product and its maxima; fused: maxsim.cc,
+    which adds the biases itself) give the NumPy score and gradients, for H of the kernel's generic path (3) and
+    of its unrolled ones (2, 4), heads whose size is a multiple of its eight lanes or not, 1 to 3 user layers,
+    with and without the mean over the heads."""
+    dims, b = (9, 7, 6), 16
+    fe = FEBlock(dims, 6, heads=heads, head_dim=head_dim, user_layers=user_layers, mean=mean, kernel=kernel)
+    assert (fe.fused is not None) == (kernel == "fused")
+    fe.set_train(True)
+    layers = [RNG.normal(size=(b, d)).astype(np.float32) for d in dims]
+    item = RNG.normal(size=(b, 6)).astype(np.float32)
+    g = RNG.normal(size=b).astype(np.float32)
+    score, d_layers, d_item, d_params = feblock_reference(fe, layers, item, g)
+    np.testing.assert_allclose(fe.pair_scores(tuple(T(x) for x in layers), T(item)).asnumpy(), score, rtol=1e-4,
+                               atol=1e-4)
+    got_inputs, got_params = ms.grad(lambda x0, x1, x2, y: (fe.pair_scores((x0, x1, x2), y) * T(g)).sum(),
+                                     (0, 1, 2, 3), fe.trainable_params())(*(T(x) for x in layers), T(item))
+    unused = [i for i in range(3) if i not in user_layers]
+    for i, (got, ref) in enumerate(zip(got_inputs, d_layers + [d_item])):
+        np.testing.assert_allclose(got.asnumpy(), 0 * ref if i in unused else ref, rtol=1e-4, atol=1e-4)
+    assert [p.name.split(".")[-1] for p in fe.trainable_params()] == ["weight", "bias"] * (len(user_layers) + 1)
+    for got, ref in zip(got_params, d_params):
+        np.testing.assert_allclose(got.asnumpy(), ref, rtol=1e-4, atol=1e-4)
+
+
+@needs_gxx
+def test_fused_maxsim_in_graph_mode_equals_ops_and_is_not_in_inference():
+    """The training step's mode: the fused kernel's loss and gradients are the ops path's; out of training (as in
+    every export) the FE-Block takes the ops path; a NaN product makes the score NaN (so the loss shows it)."""
+    dims, b = (20, 12, 8), 64
+    layers = tuple(T(RNG.normal(size=(b, d)).astype(np.float32)) for d in dims)
+    item, g = T(RNG.normal(size=(b, 8)).astype(np.float32)), T(RNG.normal(size=b).astype(np.float32))
+    ms.set_context(mode=ms.GRAPH_MODE)
+    results, blocks = {}, {}
+    for kernel in ("ops", "fused"):
+        ms.set_seed(1)
+        fe = blocks[kernel] = FEBlock(dims, 8, heads=4, head_dim=8, kernel=kernel)
+        fe.set_train(True)
+
+        class Loss(nn.Cell):
+            def __init__(self):
+                super().__init__()
+                self.fe = fe
+
+            def construct(self, x0, x1, x2, y):
+                return (self.fe.pair_scores((x0, x1, x2), y) * g).sum()
+        loss, (inputs, params) = ms.value_and_grad(Loss(), (0, 1, 2, 3), fe.trainable_params())(*layers, item)
+        results[kernel] = [loss.asnumpy()] + [x.asnumpy() for x in inputs + params]
+    for a, c in zip(results["ops"], results["fused"]):
+        np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-4)
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    fused = blocks["fused"]
+    fused.set_train(False)
+    inference = fused.pair_scores(layers, item).asnumpy()
+    np.testing.assert_allclose(inference, fused(fused.user_heads(layers), fused.item_heads(item)).asnumpy())
+    fused.set_train(True)
+    poisoned = (layers[0], layers[1], T(np.where(np.arange(b)[:, None] == 3, np.nan, layers[2].asnumpy())))
+    score = fused.pair_scores(poisoned, item).asnumpy()
+    assert np.isnan(score[3]) and np.isfinite(np.delete(score, 3)).all()
+
+
+def test_fused_maxsim_only_up_to_four_user_layers():
+    assert FEBlock((4,) * 5, 4, heads=2, head_dim=2, kernel="fused").fused is None  # five layers: the ops path
 
 
 def test_cir_hand_computed_3x3():
