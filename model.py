@@ -16,6 +16,9 @@ from module import CIRLoss, CrossNet, FEBlock, FM, MLP, SelfAttention, count_par
 from util import UserError
 
 
+SMALL_VOCAB = 64  # FeatureEmbedding.masked_mean
+
+
 class FeatureEmbedding(nn.Cell):
     """One tower's input arrays -> field embeddings (B, F, D) and dense values (B, n_dense).
 
@@ -39,11 +42,23 @@ class FeatureEmbedding(nn.Cell):
                 fields += (self.sparse[k](ids[:, k]),)
         first = int(self.n_sparse > 0)
         for k in range(self.n_multi):
-            ids, mask = inputs[first + 2 * k], inputs[first + 2 * k + 1]
-            total = (self.multi[k](ids) * mask.expand_dims(-1)).sum(1)
-            fields += (total / ops.maximum(mask.sum(1, keepdims=True), 1.0),)
+            fields += (self.masked_mean(self.multi[k], inputs[first + 2 * k], inputs[first + 2 * k + 1]),)
         dense = inputs[-1] if self.n_dense else None
         return ops.stack(fields, 1), dense
+
+    def masked_mean(self, table, ids, mask):
+        """(B, L) ids and their 0/1 mask -> the mean of the masked-in ids' embeddings (B, D); 0 without any.
+        In training, a small vocabulary (at most SMALL_VOCAB ids, as genres) is read as a (B, V) matrix of each
+        row's weights times the table: one product forward and one backward, where the gathered (B, L, D)
+        embeddings, their masked sum over L and its gradient are several kernels over a larger array
+        (docs/performance.md). Inference and exports take the gathered form (ops every exporter knows)."""
+        weights = mask / ops.maximum(mask.sum(1, keepdims=True), 1.0)
+        if table.vocab_size > SMALL_VOCAB or not self.training:
+            return (table(ids) * weights.expand_dims(-1)).sum(1)
+        n, vocab = ids.shape[0], table.vocab_size
+        cells = (ops.arange(n, dtype=ids.dtype).reshape((-1, 1)) * vocab + ids).reshape((-1,))  # row b, id j: b V + j
+        row_weights = ops.unsorted_segment_sum(weights.reshape((-1,)), cells, n * vocab).reshape((n, vocab))
+        return ops.matmul(row_weights, table.embedding_table)
 
 
 def flatten(fields, dense, flat_dim):

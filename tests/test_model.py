@@ -493,16 +493,31 @@ def test_embedding_sizes_come_from_meta():
     assert all(s[1] == 4 for s in tables.values())
 
 
-def test_masked_mean_of_genres():
+@pytest.mark.parametrize("training,small_vocab", [(False, 64), (True, 64), (True, 0)],
+                         ids=["inference", "training-product", "training-gathered"])
+def test_masked_mean_of_genres(monkeypatch, training, small_vocab):
+    """The mean of the masked-in ids' embeddings and its gradient, in each of FeatureEmbedding.masked_mean's forms:
+    gathered (inference; a vocabulary over SMALL_VOCAB ids) or a (B, V) matrix of row weights times the table
+    (training, a small vocabulary); a row without any id is 0."""
+    monkeypatch.setattr(M, "SMALL_VOCAB", small_vocab)
     net = M.build_model(META, SMALL)
     b = batch()
+    b["item_genres_mask"][2] = 0
     emb = net.item_tower.embedding
-    fields, dense_values = emb(T(b["item_sparse"]), T(b["item_genres"]), T(b["item_genres_mask"]), T(b["item_dense"]))
-    table = emb.multi[0].embedding_table.asnumpy()
+    emb.set_train(training)
+    inputs = T(b["item_sparse"]), T(b["item_genres"]), T(b["item_genres_mask"]), T(b["item_dense"])
+    fields, dense_values = emb(*inputs)
+    table = emb.multi[0].embedding_table
     m = b["item_genres_mask"]
-    ref = (table[b["item_genres"]] * m[..., None]).sum(1) / np.maximum(m.sum(1, keepdims=True), 1)
+    weights = m / np.maximum(m.sum(1, keepdims=True), 1)
+    ref = (table.asnumpy()[b["item_genres"]] * weights[..., None]).sum(1)
     np.testing.assert_allclose(fields.asnumpy()[:, 1], ref, atol=1e-6)
-    assert fields.shape == (6, 2, 4) and dense_values.shape == (6, 1)
+    assert fields.shape == (6, 2, 4) and dense_values.shape == (6, 1) and not fields.asnumpy()[2, 1].any()
+    g = RNG.normal(size=(6, 4)).astype(np.float32)
+    grad = ms.grad(lambda *x: (emb(*x)[0][:, 1] * T(g)).sum(), None, [table])(*inputs)[0].asnumpy()
+    ref_grad = np.zeros_like(grad)
+    np.add.at(ref_grad, b["item_genres"], weights[..., None] * g[:, None])
+    np.testing.assert_allclose(grad, ref_grad, atol=1e-6)
 
 
 def test_towers_are_decoupled():
