@@ -156,8 +156,8 @@ class Config:
                                            "tables up to 2026-12-07)", "train", ("fused", "ops"))
     maxsim_kernel: str = _opt("fused", "how the FE-Block's score trains. fused: the head biases, products and maxima "
                                        "as one C++ kernel forward and one backward (maxsim.cc, built with g++ at start; "
-                                       "CPU only, up to 4 user layers: ops otherwise); ops: MindSpore ops (runs up to "
-                                       "2026-12-07)", "train", ("fused", "ops"))
+                                       "CPU only, up to 4 user layers: ops otherwise); ops: MindSpore ops (every run "
+                                       "before it: results/ up to batch-norm-kernel)", "train", ("fused", "ops"))
     weight_decay: float = _opt(0.0, "Adam weight decay", "train")
     distribute: bool = _opt(False, "data-parallel training (set automatically when launched by msrun)", "train")
     epochs: int = _opt(10, "maximum number of epochs", "budget")

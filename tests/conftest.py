@@ -16,8 +16,8 @@ from model_config import Config  # noqa: E402
 REAL_ML1M = Path(os.environ.get("INTTOWER_ML1M", ROOT.parent / "shared" / "data" / "ml-1m"))
 
 
-# Tests of the fused BatchNorm kernel (batch_norm.cc): without g++ training falls back to MindSpore ops
-needs_gxx = pytest.mark.skipif(shutil.which("g++") is None, reason="no g++ here: the fused BatchNorm kernel cannot "
+# Tests of the fused training kernels (batch_norm.cc, maxsim.cc): without g++ training falls back to MindSpore ops
+needs_gxx = pytest.mark.skipif(shutil.which("g++") is None, reason="no g++ here: the fused training kernels cannot "
                                "be built (training falls back to the ops form, tested too)")
 
 
