@@ -137,9 +137,10 @@ def fused_maxsim(layers, heads):
     """The FE-Block's training score over `layers` user layers of `heads` heads as one Custom op of type "aot",
     its gradient as a second: (u_1 .. u_L (B, H p) before their biases, user biases (L, H p), v (B, H p) before its
     bias, item bias (H p)) -> (score (B,), argmax (B, L H) int32). maxsim.cc in `kernel_library`; None where that
-    cannot be had, or for more than 4 layers (a graph-mode bprop has its arguments spelled out: 1 to 4 are)."""
+    cannot be had, for more than 4 layers (a graph-mode bprop has its arguments spelled out: 1 to 4 are) or more
+    than 16 heads (the kernel's kMaxHeads)."""
     library = kernel_library()
-    if library is None or not 1 <= layers <= 4:
+    if library is None or not 1 <= layers <= 4 or not 1 <= heads <= 16:
         return None
 
     def forward_shapes(*inputs):

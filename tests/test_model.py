@@ -354,8 +354,11 @@ def test_fused_maxsim_in_graph_mode_equals_ops_and_is_not_in_inference():
     assert np.isnan(score[3]) and np.isfinite(np.delete(score, 3)).all()
 
 
-def test_fused_maxsim_only_up_to_four_user_layers():
+@needs_gxx
+def test_fused_maxsim_only_up_to_four_user_layers_and_sixteen_heads():
+    assert FEBlock((4,) * 4, 4, heads=16, head_dim=2, kernel="fused").fused is not None
     assert FEBlock((4,) * 5, 4, heads=2, head_dim=2, kernel="fused").fused is None  # five layers: the ops path
+    assert FEBlock((4,) * 2, 4, heads=17, head_dim=2, kernel="fused").fused is None
 
 
 def test_cir_hand_computed_3x3():
