@@ -151,7 +151,7 @@ class PublishedLoop:
         ms.set_context(mode=ms.GRAPH_MODE)
 
 
-def bench_train(cfg, repeats, steps, peer=None, peer_masks="kernel"):
+def bench_train(cfg, repeats, steps, peer=None, peer_masks="kernel", peer_genres="gather"):
     """Median seconds per step of (a) train.py's compiled step (TrainOneStepCell) fed whole numpy batches,
     (c) the same with a functional value_and_grad + optimizer under ms.jit, (b) the published loop
     (PublishedLoop) and, with peer="torch", (d) the same model in eager PyTorch (torch_peer) on the same
@@ -165,7 +165,8 @@ def bench_train(cfg, repeats, steps, peer=None, peer_masks="kernel"):
              "value_and_grad_jit": compiled_loop(functional_step(fn_model, cfg), fn_model,
                                                  endless_batches(arrays, meta["inputs"], cfg))}
     if peer == "torch":
-        loops["torch"] = eager_loop(torch_peer(meta, cfg, peer_masks), endless_batches(arrays, meta["inputs"], cfg, numpy=True))
+        loops["torch"] = eager_loop(torch_peer(meta, cfg, peer_masks, peer_genres),
+                                    endless_batches(arrays, meta["inputs"], cfg, numpy=True))
     published = PublishedLoop(meta, arrays, cfg)
     say("warming up (compilation, first batches)")
     for run in loops.values():
@@ -194,7 +195,8 @@ def bench_train(cfg, repeats, steps, peer=None, peer_masks="kernel"):
                        "torch_samples_per_s": round(bs / statistics.median(times["torch"])),
                        "ratio_vs_torch_median": round(statistics.median(peer_ratios), 3),
                        "ratios_vs_torch": [round(x, 3) for x in peer_ratios],
-                       "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "torch_dropout_masks": peer_masks})
+                       "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "torch_dropout_masks": peer_masks,
+                       "torch_genres": peer_genres})
     floor = machine_floor()  # the arithmetic floor of a step: its FLOPs at this machine's fp32 GEMM peak
     flops = step_flops(model, cfg)
     result.update({"gflop_per_step": round(flops / 1e9, 2), "gemm_peak_gflop_s": floor["gemm_gflop_s"],
@@ -205,13 +207,16 @@ def bench_train(cfg, repeats, steps, peer=None, peer_masks="kernel"):
 
 # ---------------------------------------------------------------- the PyTorch peer (train --peer torch)
 
-def torch_peer(meta, cfg, masks="kernel"):
+def torch_peer(meta, cfg, masks="kernel", genres="gather"):
     """The same IntTower-family model in eager PyTorch (an optional dependency of this benchmark only):
     the same fields (a multi-valued field is the masked mean of its ids), Light-SE, MLP with BatchNorm,
     ReLU and Dropout (no bias before BatchNorm, `linear_output` honoured), FE-Block MaxSim (mean over the
     user heads) or the dot product, CIR on the first `cir_anchors` rows, BCE, Adam. `masks`: the peer's
     dropout, "kernel" (nn.Dropout: the issue's peer) or "pool" (module.Dropout's pool of masks read in order:
-    index_select and a product), whatever ours uses. Returns step(*numpy_batch) -> loss."""
+    index_select and a product), whatever ours uses. `genres`: a multi-valued field's mean as its gathered ids'
+    embeddings, masked and summed ("gather": the issue's peer) or, in training, as ours computes it
+    (model.FeatureEmbedding.masked_mean: a (B, V) matrix of row weights times the table; "product").
+    Returns step(*numpy_batch) -> loss."""
     import os
     cfg = cfg.for_model()
     if MODELS[cfg.model].cls != "IntTower" or cfg.se not in ("lightse", "none") or cfg.interaction not in ("fe", "dot"):
@@ -223,6 +228,7 @@ def torch_peer(meta, cfg, masks="kernel"):
         raise UserError("--peer torch needs PyTorch, an optional dependency of this benchmark only: "
                         "pip install torch==2.13.0 (docs/performance.md)") from None
     from torch import nn as tnn
+    from model import SMALL_VOCAB
     from module import mask_pool
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(os.cpu_count())
@@ -269,7 +275,12 @@ def torch_peer(meta, cfg, masks="kernel"):
             first = int(len(self.sparse) > 0)
             for k, table in enumerate(self.multi):
                 ids, mask = inputs[first + 2 * k], inputs[first + 2 * k + 1]
-                fields.append((table(ids) * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1.0))
+                count = mask.sum(1, keepdim=True).clamp(min=1.0)
+                if genres == "product" and self.training and table.num_embeddings <= SMALL_VOCAB:
+                    rows = torch.zeros(len(ids), table.num_embeddings).scatter_add_(1, ids, mask / count)
+                    fields.append(rows @ table.weight)
+                else:
+                    fields.append((table(ids) * mask.unsqueeze(-1)).sum(1) / count)
             e = torch.stack(fields, 1)
             if self.se is not None:
                 e = e + e * torch.softmax(self.se(e.mean(-1)), -1).unsqueeze(-1)
@@ -768,6 +779,9 @@ def main():
                      help="train, profile: also time (profile) the same model in eager PyTorch (optional dependency)")
     own.add_argument("--peer_masks", choices=["kernel", "pool"], default="kernel",
                      help="the peer's dropout: nn.Dropout (kernel, the issue's peer) or our pool of masks (pool)")
+    own.add_argument("--peer_genres", choices=["gather", "product"], default="gather",
+                     help="train: the peer's mean of a multi-valued field: gathered (the issue's peer) or our "
+                          "product form (model.FeatureEmbedding.masked_mean)")
     args, rest = own.parse_known_args()
     cfg, _ = parse_args(rest, prog=f"benchmark.py {args.what}", description=__doc__.split("\n\n")[0])
     with contextlib.redirect_stdout(sys.stderr):  # progress lines to stderr: stdout is the JSON result alone
@@ -775,7 +789,8 @@ def main():
             result = bench_serve(cfg, args.repeats)
             result["serving"] = bench_serving(cfg, args.repeats, args.last_layer_run)
         else:
-            result = {"train": lambda: bench_train(cfg, args.repeats, args.steps, args.peer, args.peer_masks),
+            result = {"train": lambda: bench_train(cfg, args.repeats, args.steps, args.peer, args.peer_masks,
+                                                    args.peer_genres),
                       "data": lambda: bench_data(cfg, args.repeats),
                       "profile": lambda: bench_profile(cfg, args.steps, args.peer, args.peer_masks)}[args.what]()
     print(json.dumps(result, indent=1))

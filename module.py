@@ -322,14 +322,13 @@ class FEBlock(nn.Cell):
         self.user_scale = 1.0 / (len(self.user_layers) * heads) if mean else 1.0
         self.dot_t = ops.BatchMatMul(transpose_b=True)  # no Transpose op forward or backward
         self.matmul_t = ops.MatMul(transpose_b=True)
-        self.kernel = kernel
         self.fused = fused_maxsim(len(self.user_layers), heads) if kernel == "fused" else None
 
     def keep_last_layer_only(self):
         """Drop every user projection but the last (the accelerated serving variant); the scale stays."""
         self.user_proj = nn.CellList([self.user_proj[len(self.user_layers) - 1]])
         self.user_layers = self.user_layers[-1:]
-        self.fused = fused_maxsim(1, self.heads) if self.kernel == "fused" else None
+        self.fused = fused_maxsim(1, self.heads) if self.fused is not None else None
 
     def user_projection(self, k):
         """The weight and bias of the k-th user projection, times user_scale: the scale is applied to them (a few

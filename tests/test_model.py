@@ -301,6 +301,9 @@ def test_feblock_training_score_and_gradients_match_numpy(kernel, heads, head_di
     dims, b = (9, 7, 6), 16
     fe = FEBlock(dims, 6, heads=heads, head_dim=head_dim, user_layers=user_layers, mean=mean, kernel=kernel)
     assert (fe.fused is not None) == (kernel == "fused")
+    calls, kernel_op = [], fe.fused
+    if kernel_op is not None:  # count the kernel's calls: the fused path must be the one that ran
+        fe.fused = lambda *args: calls.append(len(args)) or kernel_op(*args)
     fe.set_train(True)
     layers = [RNG.normal(size=(b, d)).astype(np.float32) for d in dims]
     item = RNG.normal(size=(b, 6)).astype(np.float32)
@@ -316,6 +319,7 @@ def test_feblock_training_score_and_gradients_match_numpy(kernel, heads, head_di
     assert [p.name.split(".")[-1] for p in fe.trainable_params()] == ["weight", "bias"] * (len(user_layers) + 1)
     for got, ref in zip(got_params, d_params):
         np.testing.assert_allclose(got.asnumpy(), ref, rtol=1e-4, atol=1e-4)
+    assert calls == ([len(user_layers) + 3] * 2 if kernel == "fused" else [])  # u_1..u_L, biases, v, item bias
 
 
 @needs_gxx
@@ -346,8 +350,14 @@ def test_fused_maxsim_in_graph_mode_equals_ops_and_is_not_in_inference():
     ms.set_context(mode=ms.PYNATIVE_MODE)
     fused = blocks["fused"]
     fused.set_train(False)
+    kernel_op = fused.fused
+
+    def refuse(*args):
+        raise AssertionError("the fused kernel ran out of training")
+    fused.fused = refuse
     inference = fused.pair_scores(layers, item).asnumpy()
     np.testing.assert_allclose(inference, fused(fused.user_heads(layers), fused.item_heads(item)).asnumpy())
+    fused.fused = kernel_op
     fused.set_train(True)
     poisoned = (layers[0], layers[1], T(np.where(np.arange(b)[:, None] == 3, np.nan, layers[2].asnumpy())))
     score = fused.pair_scores(poisoned, item).asnumpy()
@@ -503,6 +513,8 @@ def test_masked_mean_of_genres(monkeypatch, training, small_vocab):
     gathered (inference; a vocabulary over SMALL_VOCAB ids) or a (B, V) matrix of row weights times the table
     (training, a small vocabulary); a row without any id is 0."""
     monkeypatch.setattr(M, "SMALL_VOCAB", small_vocab)
+    calls, scatter = [], M.ops.unsorted_segment_sum  # the product form's one scatter: which form ran
+    monkeypatch.setattr(M.ops, "unsorted_segment_sum", lambda *args: calls.append(1) or scatter(*args))
     net = M.build_model(META, SMALL)
     b = batch()
     b["item_genres_mask"][2] = 0
@@ -521,6 +533,7 @@ def test_masked_mean_of_genres(monkeypatch, training, small_vocab):
     ref_grad = np.zeros_like(grad)
     np.add.at(ref_grad, b["item_genres"], weights[..., None] * g[:, None])
     np.testing.assert_allclose(grad, ref_grad, atol=1e-6)
+    assert bool(calls) == (training and small_vocab > 0)
 
 
 def test_towers_are_decoupled():
