@@ -656,23 +656,25 @@ def bench_serving(cfg, repeats, last_run=None, sizes=(10_000, 100_000), catalogu
 
 
 def serving_requests(name, scorer, floor, sizes, r):
-    """One request end to end (user features in -> top 100 out) and its parts, against the floors."""
-    from scorer import best_first, maxsim, maxsim_buffers, tiled_index
+    """One request end to end (user features in -> top 100 out) and its parts, against the floors: MaxSim as the
+    scorer runs it (MaxSimIndex: the C++ kernel where it builds) and in NumPy (maxsim, the reference)."""
+    from scorer import MaxSimIndex, best_first, maxsim, maxsim_buffers, tiled_index
     user_id = int(scorer.users["key"][0])
     inputs, _ = scorer.user_inputs(user_id)
     user = scorer.tower(inputs)
-    row = {"model": name, "user_shape": list(user.shape),
+    row = {"model": name, "user_shape": list(user.shape), "maxsim": "numpy" if scorer.catalogue.kernel is None else "kernel",
            "user_tower_onnx_ms": median_ms(lambda: scorer.tower(inputs), r) if scorer.onnx_tower else None,
            "user_tower_graphcell_ms": median_ms(lambda: scorer.tower(inputs, "mindir"), r)}
     for n in sizes:
         index = tiled_index(scorer, n)
         buffers = maxsim_buffers(user, index)
+        score = MaxSimIndex(index, scorer.catalogue.kernel).scores
 
         def request():  # user features in -> top 100 out
-            u = scorer.tower(inputs)
-            return best_first(maxsim(u, index, buffers), 100)
+            return best_first(score(scorer.tower(inputs)), 100)
         flop, nbytes = 2 * user.size * index.shape[0] * n, index.nbytes
-        row[f"maxsim_{n}_ms"] = median_ms(lambda: maxsim(user, index, buffers), r)
+        row[f"maxsim_{n}_ms"] = median_ms(lambda: score(user), r)
+        row[f"maxsim_numpy_{n}_ms"] = median_ms(lambda: maxsim(user, index, buffers), r)
         row[f"end_to_end_{n}_ms"] = median_ms(request, r)
         row[f"floor_{n}"] = floor_ms(floor, flop, nbytes)
     row = {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}
@@ -734,8 +736,10 @@ def serving_catalogue(scorer, user, users, floor, catalogue, noises=(0.3, 1.0), 
     """Two-stage retrieval (IVFRetriever: item cells routed by MaxSim, exact MaxSim on the probed cells) over
     `catalogue` items: the real item vectors resampled with Gaussian noise of `noise` times each coordinate's
     spread (0.3: items near the real ones; 1.0: twice as far apart as the real items spread, a catalogue
-    with much weaker cluster structure). recall@100 against exact MaxSim over the whole catalogue, 20 users."""
-    from scorer import IVFRetriever, best_first, maxsim
+    with much weaker cluster structure). recall@100 against exact MaxSim (NumPy) over the whole catalogue, 20
+    users. The cells, and exact MaxSim beside NumPy's, are scored as the scorer scores them (the C++ kernel
+    where it builds)."""
+    from scorer import IVFRetriever, MaxSimIndex, best_first, maxsim
     catalogue_index = scorer.by_head[:, :-1]
     spread = catalogue_index.std(1, keepdims=True)
     heads, _, dim = catalogue_index.shape
@@ -752,13 +756,17 @@ def serving_catalogue(scorer, user, users, floor, catalogue, noises=(0.3, 1.0), 
         started = time.perf_counter()
         truths = [set(best_first(maxsim(u, big), 100)) for u in queries]
         exact_ms = (time.perf_counter() - started) / len(queries) * 1000
+        exact = MaxSimIndex(big, scorer.catalogue.kernel)
+        exact_kernel_ms = statistics.median([median_ms(lambda: exact.scores(u), 3) for u in queries[:5]])
+        del exact
         started = time.perf_counter()
-        ivf = IVFRetriever(big)
-        part = {"noise": noise, "exact_maxsim_ms": round(exact_ms, 1), "ivf_lists": len(ivf.blocks),
+        ivf = IVFRetriever(big, kernel=scorer.catalogue.kernel)
+        part = {"noise": noise, "exact_maxsim_ms": round(exact_ms, 1), "exact_maxsim_kernel_ms": round(exact_kernel_ms, 1),
+                "ivf_lists": len(ivf.cells),
                 "ivf_build_s": round(time.perf_counter() - started, 1), "rows": []}
         for nprobe in probes:
             found = [set(ivf.top_k(u, 100, nprobe)[0]) for u in queries]
-            scored = [sum(ivf.blocks[c].shape[1] for c in ivf.probed(u, nprobe)) for u in queries]
+            scored = [sum(ivf.cells[c].n for c in ivf.probed(u, nprobe)) for u in queries]
             ms = statistics.median([median_ms(lambda: ivf.top_k(u, 100, nprobe), 3) for u in queries[:10]])
             part["rows"].append({"nprobe": nprobe, "items_scored": int(np.median(scored)), "ms": round(ms, 2),
                                  "recall_at_100": round(float(np.mean([len(t & f) / 100 for t, f in

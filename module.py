@@ -2,18 +2,14 @@
 
 Shapes: B batch, F fields, D embedding size, L user layers used by the FE-Block, H heads, p head size.
 """
-import atexit
 import functools
-import shutil
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
 
 import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
 from mindspore.common.initializer import XavierNormal, initializer
+
+from util import build_library
 
 
 class FieldAttention(nn.Cell):
@@ -85,24 +81,12 @@ KERNEL_SOURCES = ("batch_norm.cc", "maxsim.cc")
 @functools.lru_cache(maxsize=None)
 def kernel_library():
     """The training kernels (KERNEL_SOURCES: BatchNorm with ReLU, the FE-Block's MaxSim) as one shared library for
-    MindSpore's Custom ops of type "aot", built with g++ for this CPU once per process (~2 s) into a temporary
-    folder: its path, or None, with the reason on stderr, where it cannot be had: a device other than the CPU
-    (whose kernels are fused already) or no working C++ compiler. The cells then train with MindSpore ops."""
+    MindSpore's Custom ops of type "aot" (util.build_library: g++ for this CPU, once per process, ~2 s): its path,
+    or None where it cannot be had: a device other than the CPU (whose kernels are fused already) or no working
+    C++ compiler (the reason on stderr). The cells then train with MindSpore ops."""
     if ms.get_context("device_target") != "CPU":
         return None
-    folder = Path(tempfile.mkdtemp(prefix="inttower-kernels-"))
-    atexit.register(shutil.rmtree, folder, True)
-    library = folder / "kernels.so"
-    command = ["g++", "-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC", "-o", str(library),
-               *(str(Path(__file__).with_name(name)) for name in KERNEL_SOURCES)]
-    try:
-        subprocess.run(command, check=True, capture_output=True, text=True, timeout=300)
-    except (OSError, subprocess.SubprocessError) as e:
-        why = getattr(e, "stderr", None) or str(e)
-        print(f"note: BatchNorm and MaxSim train as MindSpore ops (the fused kernels did not build: "
-              f"{why.strip()[:300]})", file=sys.stderr)
-        return None
-    return library
+    return build_library(KERNEL_SOURCES, "BatchNorm and MaxSim train as MindSpore ops")
 
 
 @functools.lru_cache(maxsize=None)

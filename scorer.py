@@ -6,7 +6,8 @@
 Used by infer.py (one request from the command line), serve.py (the HTTP service), benchmark.py and
 run_experiments.py (latency). The FE score of one user against N items: per block of items, one matrix
 product per item head over the contiguous head-major index ((block x p) by (p x L*H)), a running max over
-the item heads and a sum (maxsim). Unknown users and items take the
+the item heads and a sum (maxsim); a whole-catalogue request takes the C++ kernel over the index in tiles of 16
+items (MaxSimIndex, maxsim_index.cc) where it builds. Unknown users and items take the
 out-of-vocabulary path (id 0, prior statistics) instead of failing.
 
 The user tower runs through ONNX Runtime on the export's batch-1 user_tower.onnx when it is there (about
@@ -16,6 +17,8 @@ maxsim_batch (many users in one GEMM), CompressedIndex (int8 / bfloat16 / float1
 of a shortlist) and IVFRetriever (an inverted file over whole items routed by MaxSim, for large catalogues).
 Measurements and what was rejected: docs/serving.md.
 """
+import ctypes
+import functools
 import json
 import threading
 import time
@@ -24,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from get_dataset import hash_ids, unknown_inputs
-from util import UserError, md5_file, read_json
+from util import UserError, build_library, md5_file, read_json
 
 
 def head_major(items):
@@ -64,6 +67,56 @@ def maxsim(user, items_by_head, out=None, block=MAXSIM_BLOCK):
             np.maximum(b, d, out=b)
         np.matmul(b, ones, out=result[start:stop])
     return result
+
+
+MAXSIM_TILE = 16  # items per tile of a MaxSimIndex: one AVX-512 register of float32 (maxsim_index.cc)
+
+
+@functools.lru_cache(maxsize=None)
+def maxsim_kernel():
+    """maxsim_index.cc's MaxSimTiles through ctypes (built by util.build_library once per process, ~1 s), or None
+    where it cannot be built (no C++ compiler): scoring then runs in NumPy (maxsim)."""
+    library = build_library(("maxsim_index.cc",), "MaxSim scores in NumPy")
+    if library is None:
+        return None
+    kernel = ctypes.CDLL(str(library)).MaxSimTiles
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    kernel.argtypes = [pointer, size, size, pointer, size, size, size, pointer]
+    kernel.restype = None
+    return kernel
+
+
+class MaxSimIndex:
+    """An item index (H, N, p) in the layout its MaxSim reads; scores(user) -> (N,) as maxsim(user, items_by_head).
+
+    With the C++ kernel (`kernel`: maxsim_kernel(); maxsim_index.cc): the index re-laid in tiles of 16 items,
+    (T, H, p, 16), zeros after the last item: sixteen items per vector register, each user value broadcast into
+    their sums, the index read once in order, no horizontal sums, about the FLOP peak of one core
+    (docs/serving.md); equal to maxsim() up to float32 rounding (tested); a copy of the index. The kernel runs
+    without the GIL, so concurrent requests score on separate cores. Without it (kernel None): the head-major
+    array itself, scored by maxsim() in NumPy."""
+
+    def __init__(self, items_by_head, kernel):
+        heads, n, dim = items_by_head.shape
+        self.n, self.heads, self.dim, self.kernel = n, heads, dim, kernel
+        if kernel is None:
+            self.items = items_by_head
+            return
+        full, rest = divmod(n, MAXSIM_TILE)
+        self.items = np.zeros((full + (rest > 0), heads, dim, MAXSIM_TILE), np.float32)
+        # items[t, k, j, l] = items_by_head[k, 16 t + l, j], assigned through views (no padded copy of the index)
+        self.items[:full] = items_by_head[:, :full * MAXSIM_TILE].reshape(heads, full, MAXSIM_TILE, dim).transpose(1, 0, 3, 2)
+        if rest:
+            self.items[full, :, :, :rest] = items_by_head[:, full * MAXSIM_TILE:].transpose(0, 2, 1)
+
+    def scores(self, user):
+        if self.kernel is None:
+            return maxsim(user, self.items)
+        user = np.ascontiguousarray(user, np.float32).reshape(-1, self.dim)
+        out = np.empty(len(self.items) * MAXSIM_TILE, np.float32)
+        self.kernel(user.ctypes.data, len(user), self.dim, self.items.ctypes.data, self.heads, 0, len(self.items),
+                    out.ctypes.data)
+        return out[:self.n]
 
 
 def maxsim_batch(users, items_by_head):
@@ -166,13 +219,13 @@ class IVFRetriever:
 
     k-means clusters the items, each item's H head vectors concatenated (H*p dims), into `lists` cells
     (default sqrt(N)); each cell's items are stored as one contiguous head-major block (faiss's IVF-Flat
-    layout, one entry per item). A query scores every centroid, read as H head vectors, with maxsim(), takes
-    the `nprobe` best cells and scores all their items exactly: the shortlist is the probed cells, so its
-    scores are exact and only its membership is approximate. nprobe=lists is exact MaxSim. The retriever
-    keeps its own cell-ordered copy of the index. Recall and time on a 1,000,000-item catalogue:
+    layout, one entry per item; a MaxSimIndex: tiles for the C++ kernel `kernel`, else head-major). A query
+    scores every centroid, read as H head vectors, with maxsim(), takes the `nprobe` best cells and scores all
+    their items exactly: the shortlist is the probed cells, so its scores are exact and only its membership is
+    approximate. nprobe=lists is exact MaxSim. The retriever keeps its own cell-ordered copy of the index. Recall and time on a 1,000,000-item catalogue:
     docs/serving.md."""
 
-    def __init__(self, items_by_head, lists=None, iterations=8, seed=0, sample=64, chunk=16384):
+    def __init__(self, items_by_head, lists=None, iterations=8, seed=0, sample=64, chunk=16384, kernel=None):
         heads, n, dim = items_by_head.shape
         lists = max(1, min(lists or round(n ** 0.5), n))
         item_major = lambda rows: items_by_head[:, rows].transpose(1, 0, 2).reshape(-1, heads * dim)  # noqa: E731
@@ -188,8 +241,8 @@ class IVFRetriever:
         cells = np.concatenate([self._nearest(item_major(slice(s, s + chunk))) for s in range(0, n, chunk)])
         self.items = np.argsort(cells, kind="stable")  # the index row of each stored item, cell by cell
         self.offsets = np.searchsorted(cells[self.items], np.arange(lists + 1))
-        self.blocks = [np.ascontiguousarray(items_by_head[:, self.items[a:b]])
-                       for a, b in zip(self.offsets[:-1], self.offsets[1:])]
+        self.cells = [MaxSimIndex(np.ascontiguousarray(items_by_head[:, self.items[a:b]]), kernel)
+                      for a, b in zip(self.offsets[:-1], self.offsets[1:])]
         self.by_head_centroids = head_major(self.centroids.reshape(lists, heads, dim))
 
     @staticmethod
@@ -215,12 +268,12 @@ class IVFRetriever:
 
     def probed(self, user, nprobe=16):
         """The user's `nprobe` best non-empty cells by MaxSim against the centroids."""
-        return [c for c in best_first(maxsim(user, self.by_head_centroids), nprobe) if self.blocks[c].shape[1]]
+        return [c for c in best_first(maxsim(user, self.by_head_centroids), nprobe) if self.cells[c].n]
 
     def top_k(self, user, k, nprobe=16):
         """(index rows, exact MaxSim scores) of the k best items in the user's `nprobe` best cells, best first."""
         cells = self.probed(user, nprobe)
-        scores = np.concatenate([maxsim(user, self.blocks[c]) for c in cells])
+        scores = np.concatenate([self.cells[c].scores(user) for c in cells])
         rows = np.concatenate([self.items[self.offsets[c]:self.offsets[c + 1]] for c in cells])
         best = best_first(scores, k)
         return rows[best], scores[best]
@@ -290,7 +343,6 @@ class Scorer:
             self.index = self.by_head.transpose(1, 0, 2)
         else:
             self.by_head, self.index = None, np.ascontiguousarray(index, np.float32)
-        self._local = threading.local()  # per-thread scoring buffers: serve.py scores requests concurrently
         self.item_ids = np.load(self.dir / "item_ids.npy")
         self.titles = json.loads((self.dir / "titles.json").read_text())
         users = np.load(self.dir / "users.npz")
@@ -324,7 +376,10 @@ class Scorer:
         self.prior = m["prior"]  # the training positive rate: dense features of users without history
         self.checksum = md5_file(self.dir / "manifest.json")
         self.nprobe = nprobe  # a dot-product index is MaxSim with one head on each side
-        self.ivf = IVFRetriever(self.by_head[:, :-1] if self.fe else self.index[None, :-1]) if nprobe else None
+        kernel = maxsim_kernel() if self.fe or nprobe else None  # the C++ MaxSim where it builds
+        self.ivf = IVFRetriever(self.by_head[:, :-1] if self.fe else self.index[None, :-1], kernel=kernel) if nprobe else None
+        # whole-catalogue MaxSim (requests with candidates: maxsim on their rows); with the IVF, no second copy
+        self.catalogue = MaxSimIndex(self.by_head, None if nprobe else kernel) if self.fe else None
 
     # ---- inputs
     def user_inputs(self, user_id, features=None):
@@ -406,10 +461,7 @@ class Scorer:
             return (self.index[:-1] if rows is None else self.index[rows]) @ user + self.bias
         if rows is not None:
             return maxsim(user, self.by_head[:, rows]) + self.bias
-        buffers = getattr(self._local, "buffers", None)
-        if buffers is None:  # whole-catalogue requests reuse their (per-thread) buffers
-            buffers = self._local.buffers = maxsim_buffers(user, self.by_head)
-        return maxsim(user, self.by_head, buffers)[:-1] + self.bias  # the last row is the OOV item
+        return self.catalogue.scores(user)[:-1] + self.bias  # the last row is the OOV item
 
     def recommend(self, user_id, candidates=None, top_k=10, features=None):
         started = time.perf_counter()
@@ -446,11 +498,11 @@ def tiled_index(scorer, n):
 
 
 def tiled_scoring(scorer, n):
-    """A call that scores n candidates (tiled_index) for one user: MaxSim for FE models, one matrix-vector
-    product for dot-product models; time it with util.median_ms."""
+    """A call that scores n candidates (tiled_index) for one user as the scorer scores its whole catalogue: MaxSim
+    (the C++ kernel where the scorer has it) for FE models, one matrix-vector product for dot-product models;
+    time it with util.median_ms."""
     user = scorer.user_vector(int(scorer.users["key"][0]))[0]
     index = tiled_index(scorer, n)
     if not scorer.fe:
         return lambda: index @ user
-    buffers = maxsim_buffers(user, index)
-    return lambda: maxsim(user, index, buffers)
+    return functools.partial(MaxSimIndex(index, scorer.catalogue.kernel).scores, user)

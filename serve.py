@@ -112,7 +112,7 @@ class Service:
         s = self.scorer
         return {"status": "ok", "export_dir": str(self.export_dir), "manifest_md5": s.checksum,
                 "model": s.manifest["model"], "items": s.manifest["items"], "user_tower": s.backend,
-                "retrieval": f"ivf, nprobe {s.nprobe} of {len(s.ivf.blocks)} cells" if s.ivf else "exact",
+                "retrieval": f"ivf, nprobe {s.nprobe} of {len(s.ivf.cells)} cells" if s.ivf else "exact",
                 "blas_threads": next((i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"), None),
                 "reloads": self.reloads}
 

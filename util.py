@@ -1,4 +1,5 @@
 """Small helpers shared by the commands: one-line errors, atomic writes, checksums, metrics."""
+import atexit
 import contextlib
 import errno
 import hashlib
@@ -7,6 +8,7 @@ import os
 import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -123,6 +125,24 @@ def say(message):
 
 
 # ---------------------------------------------------------------- files
+
+def build_library(sources, fallback):
+    """The C++ files `sources` (next to this file) built with g++ for this CPU (-O3 -march=native) into one shared
+    library in a temporary folder removed at exit (~1-2 s): its path, or None where there is no working compiler,
+    with `fallback` (what runs instead) and the reason on stderr."""
+    folder = Path(tempfile.mkdtemp(prefix="inttower-kernels-"))
+    atexit.register(shutil.rmtree, folder, True)
+    library = folder / "kernels.so"
+    command = ["g++", "-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC", "-o", str(library),
+               *(str(Path(__file__).with_name(name)) for name in sources)]
+    try:
+        subprocess.run(command, check=True, capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.SubprocessError) as e:
+        why = getattr(e, "stderr", None) or str(e)
+        print(f"note: {fallback} (the C++ kernels did not build: {why.strip()[:300]})", file=sys.stderr)
+        return None
+    return library
+
 
 def median_ms(fn, repeats):
     """Median wall time of `repeats` calls of fn(), in milliseconds, after one untimed call (first touch)."""

@@ -161,7 +161,7 @@ def test_fused_kernels_fall_back_to_ops_without_a_compiler(monkeypatch, capsys):
     monkeypatch.setenv("PATH", "/nonexistent")
     monkeypatch.setattr(module, "kernel_library", module.kernel_library.__wrapped__)
     assert module.fused_batch_norm.__wrapped__() is None
-    assert "BatchNorm and MaxSim train as MindSpore ops (the fused kernels did not build" in capsys.readouterr().err
+    assert "BatchNorm and MaxSim train as MindSpore ops (the C++ kernels did not build" in capsys.readouterr().err
     assert module.fused_maxsim.__wrapped__(3, 4) is None
 
 

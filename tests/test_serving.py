@@ -10,7 +10,8 @@ import pytest
 import train
 from conftest import ROOT, train_and_export
 from export import export_run
-from scorer import CompressedIndex, IVFRetriever, Scorer, best_first, maxsim, maxsim_batch
+from scorer import (CompressedIndex, IVFRetriever, MaxSimIndex, Scorer, best_first, maxsim, maxsim_batch,
+                    maxsim_kernel)
 from model_config import Config
 from util import UserError
 
@@ -49,6 +50,34 @@ def test_maxsim_batch_equals_maxsim():
         np.testing.assert_allclose(got[u], maxsim(users[u], index), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("users, heads, dim, n", [(1, 1, 1, 1), (4, 4, 64, 1000), (12, 4, 64, 17), (13, 3, 5, 16),
+                                                 (30, 2, 7, 40), (5, 4, 16, 15)])
+def test_maxsim_kernel_equals_maxsim(users, heads, dim, n):
+    """The C++ kernel (maxsim_index.cc) against the NumPy reference: user heads across several register chunks
+    (12 with AVX-512, 4 with AVX2), any head count and width, partial last tiles; a NaN product is the maximum."""
+    kernel = maxsim_kernel()
+    if kernel is None:
+        pytest.skip("no C++ compiler: the scorer scores in NumPy (test_scorer_without_a_compiler_scores_in_numpy)")
+    rng = np.random.default_rng(users * 1000 + n)
+    index = rng.normal(size=(heads, n, dim)).astype(np.float32)
+    tiled = MaxSimIndex(index, kernel)
+    assert tiled.items.shape == (-(-n // 16), heads, dim, 16)
+    for _ in range(3):
+        user = rng.normal(size=(users, dim)).astype(np.float32)
+        want = maxsim(user, index)
+        np.testing.assert_allclose(tiled.scores(user), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    index[heads - 1, n // 2, 0] = np.nan  # one value of one item's last head: that item's score only
+    got, want = MaxSimIndex(index, kernel).scores(user), maxsim(user, index)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    assert np.isnan(got).sum() == 1
+
+
+def test_scorer_without_a_compiler_scores_in_numpy(monkeypatch, capsys):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert maxsim_kernel.__wrapped__() is None
+    assert "MaxSim scores in NumPy (the C++ kernels did not build" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("kind, tolerance", [("int8", 1e-2), ("bfloat16", 5e-3), ("float16", 1e-3)])
 def test_compressed_index_within_tolerance_and_rescored_exactly(kind, tolerance):
     index, rng = catalogue(3000)
@@ -65,12 +94,19 @@ def test_compressed_index_within_tolerance_and_rescored_exactly(kind, tolerance)
         assert len(set(rows) & set(best_first(exact, 50))) >= 49
 
 
-def test_ivf_recall_on_generated_catalogue():
+@pytest.mark.parametrize("scoring", ["numpy", "kernel"])
+def test_ivf_recall_on_generated_catalogue(scoring):
+    kernel = maxsim_kernel() if scoring == "kernel" else None
+    if scoring == "kernel" and kernel is None:
+        pytest.skip("no C++ compiler: the cells are scored in NumPy")
     index, rng = catalogue(20000)
-    ivf = IVFRetriever(index, lists=64, seed=1)
+    ivf = IVFRetriever(index, lists=64, seed=1, kernel=kernel)
     assert sorted(ivf.items) == list(range(20000)) and ivf.offsets[-1] == 20000
-    for c, block in enumerate(ivf.blocks):  # each cell's block holds its own items, head-major
-        np.testing.assert_array_equal(block, index[:, ivf.items[ivf.offsets[c]:ivf.offsets[c + 1]]])
+    user = rng.normal(size=(3, 4, 16)).astype(np.float32)
+    for c, cell in enumerate(ivf.cells):  # each cell holds its own items, in order, in the kernel's layout
+        assert cell.kernel is kernel and cell.items.ndim == (3 if kernel is None else 4)
+        np.testing.assert_allclose(cell.scores(user), maxsim(user, index[:, ivf.items[ivf.offsets[c]:ivf.offsets[c + 1]]]),
+                                   rtol=1e-5, atol=1e-4)
     recalls = []
     for _ in range(5):
         user = rng.normal(size=(3, 4, 16)).astype(np.float32)
@@ -83,7 +119,7 @@ def test_ivf_recall_on_generated_catalogue():
         every, _ = ivf.top_k(user, 100, nprobe=64)  # every cell: exact
         assert set(every) == truth
     assert np.mean(recalls) >= 0.9, recalls  # cells picked at random would hold about a quarter of it
-    flat = IVFRetriever(index, lists=1)  # one cell, every item: exact
+    flat = IVFRetriever(index, lists=1, kernel=kernel)  # one cell, every item: exact
     assert flat.top_k(user, 10, nprobe=1)[0].tolist() == best_first(exact, 10).tolist()
 
 
@@ -140,9 +176,17 @@ def test_scorer_equals_full_model_logits(run):
     model, meta, data = model_and_data(cfg, run_dir)
     users, items = data.arrays("users"), data.arrays("items")
     scorer = Scorer(run_dir / "export")
+    calls = []
+    if maxsim_kernel() is not None:  # the whole catalogue through the C++ kernel (counted)
+        kernel = scorer.catalogue.kernel
+        scorer.catalogue.kernel = lambda *args: (calls.append(1), kernel(*args))
+    numpy_scorer = Scorer(run_dir / "export")
+    numpy_scorer.catalogue = MaxSimIndex(numpy_scorer.by_head, None)  # as without a compiler: maxsim in NumPy
     for user_row in (0, 7, 42):
         user_id = int(users["key"][user_row])
-        logits = scorer.scores(scorer.user_vector(user_id)[0])  # the whole catalogue from the index
+        user = scorer.user_vector(user_id)[0]
+        logits = scorer.scores(user)  # the whole catalogue from the index
+        np.testing.assert_allclose(numpy_scorer.scores(user), logits, rtol=1e-5, atol=1e-5)
         n = len(items["key"])
         pairs = {"user_sparse": np.repeat(users["user_sparse"][user_row:user_row + 1], n, 0),
                  "user_dense": np.repeat(users["user_dense"][user_row:user_row + 1], n, 0), **items}
@@ -151,6 +195,7 @@ def test_scorer_equals_full_model_logits(run):
         top = scorer.recommend(user_id, top_k=5)["items"]
         assert [t["score"] for t in top] == sorted((t["score"] for t in top), reverse=True)
         assert top[0]["score"] == pytest.approx(float(full.max()), abs=1e-4)
+    assert len(calls) == (6 if maxsim_kernel() is not None else 0)  # scores() and recommend(), 3 users
 
 
 @e2e
@@ -159,7 +204,7 @@ def test_two_stage_recommend_scores_its_cells_exactly(run):
     exact scores of what it holds); requests with candidates stay exact; infer.py takes --nprobe."""
     cfg, run_dir = run
     exact = Scorer(run_dir / "export")
-    lists = len(Scorer(run_dir / "export", nprobe=1).ivf.blocks)
+    lists = len(Scorer(run_dir / "export", nprobe=1).ivf.cells)
     every, one = Scorer(run_dir / "export", nprobe=lists), Scorer(run_dir / "export", nprobe=1)
     for user_id in (1, 5, 10**9):
         want = exact.recommend(user_id, top_k=10)["items"]
