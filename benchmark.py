@@ -595,12 +595,22 @@ def bench_serve(cfg, repeats, sizes=(1_000, 10_000, 100_000)):
 
 
 def machine_floor():
-    """This machine's fp32 GEMM peak (1024^3, the BLAS's threads) and read bandwidth (sum of 256 MB)."""
+    """This machine's fp32 GEMM peak (1024^3, the BLAS's threads) and read bandwidth (sum of 256 MB split among
+    every core's thread, as the kernel's threads read; NumPy's reductions release the GIL), and the bandwidth of
+    one thread."""
+    from scorer import cores, thread_pool
     a = np.random.default_rng(0).normal(size=(1024, 1024)).astype(np.float32)
     c = np.empty_like(a)
     gflops = 2 * 1024**3 / median_ms(lambda: np.matmul(a, a, out=c), 10) / 1e6
     big = np.ones(1 << 26, np.float32)
-    return {"gemm_gflop_s": round(gflops, 1), "read_gb_s": round(big.nbytes / median_ms(big.sum, 5) / 1e6, 1)}
+    parts = np.array_split(big, cores())
+
+    def read():
+        others = [thread_pool().submit(np.sum, part) for part in parts[1:]]
+        parts[0].sum()
+        return [part.result() for part in others]
+    return {"gemm_gflop_s": round(gflops, 1), "read_gb_s": round(big.nbytes / median_ms(read, 7) / 1e6, 1),
+            "read_gb_s_one_thread": round(big.nbytes / median_ms(big.sum, 7) / 1e6, 1)}
 
 
 def floor_ms(floor, flop, nbytes):
@@ -657,8 +667,9 @@ def bench_serving(cfg, repeats, last_run=None, sizes=(10_000, 100_000), catalogu
 
 def serving_requests(name, scorer, floor, sizes, r):
     """One request end to end (user features in -> top 100 out) and its parts, against the floors: MaxSim as the
-    scorer runs it (MaxSimIndex: the C++ kernel where it builds) and in NumPy (maxsim, the reference)."""
-    from scorer import MaxSimIndex, best_first, maxsim, maxsim_buffers, tiled_index
+    scorer runs it (MaxSimIndex: the C++ kernel where it builds; on one thread, as the service does, and on
+    every core, `_cores` keys) and in NumPy (maxsim, the reference, on BLAS's threads)."""
+    from scorer import MaxSimIndex, best_first, cores, maxsim, maxsim_buffers, tiled_index
     user_id = int(scorer.users["key"][0])
     inputs, _ = scorer.user_inputs(user_id)
     user = scorer.tower(inputs)
@@ -670,12 +681,14 @@ def serving_requests(name, scorer, floor, sizes, r):
         buffers = maxsim_buffers(user, index)
         score = MaxSimIndex(index, scorer.catalogue.kernel).scores
 
-        def request():  # user features in -> top 100 out
-            return best_first(score(scorer.tower(inputs)), 100)
+        def request(threads=1):  # user features in -> top 100 out
+            return best_first(score(scorer.tower(inputs), threads), 100)
         flop, nbytes = 2 * user.size * index.shape[0] * n, index.nbytes
         row[f"maxsim_{n}_ms"] = median_ms(lambda: score(user), r)
+        row[f"maxsim_{n}_cores_ms"] = median_ms(lambda: score(user, cores()), r)
         row[f"maxsim_numpy_{n}_ms"] = median_ms(lambda: maxsim(user, index, buffers), r)
         row[f"end_to_end_{n}_ms"] = median_ms(request, r)
+        row[f"end_to_end_{n}_cores_ms"] = median_ms(lambda: request(cores()), r)
         row[f"floor_{n}"] = floor_ms(floor, flop, nbytes)
     row = {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}
     say(json.dumps(row))

@@ -51,16 +51,20 @@ def main(argv=None):
     parser.add_argument("--nprobe", type=int, default=0,
                         help="whole catalogue: 0 scores every item exactly; N > 0 only the items of the user's N best "
                              "cells of an inverted file (large catalogues; docs/serving.md)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="threads that score the catalogue with the MaxSim kernel (default 0: every core)")
     args = parser.parse_args(argv)
     if args.top_k <= 0:
         parser.error("--top_k must be positive")
     if args.warm_calls < 0:
         parser.error("--warm_calls must be 0 or more")
+    if args.threads < 0:
+        parser.error("--threads must be 0 (every core) or positive")
     candidates = None
     if args.candidates is not None:
         candidates = [item_or_user_id(x) for x in args.candidates.split(",") if x.strip()]
     scorer = Scorer(Path(args.export_dir) if args.export_dir else Path(args.run_dir) / "export",
-                    user_tower=args.user_tower, nprobe=args.nprobe)
+                    user_tower=args.user_tower, nprobe=args.nprobe, threads=args.threads)
     if scorer.item_names is None and any(isinstance(c, str) for c in candidates or []):
         parser.error(f"--candidates expects comma-separated integers (this data set's item ids are integers), "
                      f"got {args.candidates!r}")
@@ -69,7 +73,7 @@ def main(argv=None):
     cold = result.pop("milliseconds", None)
     warm = [scorer.recommend(*request).get("milliseconds", 0.0) for _ in range(args.warm_calls)]
     result["latency_ms"] = {"cold_first_call": cold, "warm_median": round(statistics.median(warm), 3) if warm else None,
-                            "warm_calls": len(warm), "user_tower": scorer.backend}
+                            "warm_calls": len(warm), "user_tower": scorer.backend, "threads": scorer.threads}
     json.dump(result, sys.stdout, indent=1)
     print()
 

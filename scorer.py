@@ -20,6 +20,7 @@ Measurements and what was rejected: docs/serving.md.
 import ctypes
 import functools
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -70,6 +71,19 @@ def maxsim(user, items_by_head, out=None, block=MAXSIM_BLOCK):
 
 
 MAXSIM_TILE = 16  # items per tile of a MaxSimIndex: one AVX-512 register of float32 (maxsim_index.cc)
+MAXSIM_SPLIT = 4096  # fewest items per thread when a MaxSimIndex splits a request between threads
+
+
+def cores():
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@functools.lru_cache(maxsize=None)
+def thread_pool():
+    """The threads that score the other parts of a request split by MaxSimIndex.scores."""
+    from concurrent.futures import ThreadPoolExecutor
+    return ThreadPoolExecutor(max(1, cores() - 1), thread_name_prefix="maxsim")
 
 
 @functools.lru_cache(maxsize=None)
@@ -93,8 +107,9 @@ class MaxSimIndex:
     (T, H, p, 16), zeros after the last item: sixteen items per vector register, each user value broadcast into
     their sums, the index read once in order, no horizontal sums, about the FLOP peak of one core
     (docs/serving.md); equal to maxsim() up to float32 rounding (tested); a copy of the index. The kernel runs
-    without the GIL, so concurrent requests score on separate cores. Without it (kernel None): the head-major
-    array itself, scored by maxsim() in NumPy."""
+    without the GIL: concurrent requests score on separate cores, and scores(user, threads) splits one request's
+    tiles between `threads` threads (at least MAXSIM_SPLIT items each). Without it (kernel None): the
+    head-major array itself, scored by maxsim() in NumPy (with BLAS's threads)."""
 
     def __init__(self, items_by_head, kernel):
         heads, n, dim = items_by_head.shape
@@ -109,13 +124,20 @@ class MaxSimIndex:
         if rest:
             self.items[full, :, :, :rest] = items_by_head[:, full * MAXSIM_TILE:].transpose(0, 2, 1)
 
-    def scores(self, user):
+    def scores(self, user, threads=1):
         if self.kernel is None:
             return maxsim(user, self.items)
         user = np.ascontiguousarray(user, np.float32).reshape(-1, self.dim)
-        out = np.empty(len(self.items) * MAXSIM_TILE, np.float32)
-        self.kernel(user.ctypes.data, len(user), self.dim, self.items.ctypes.data, self.heads, 0, len(self.items),
-                    out.ctypes.data)
+        tiles = len(self.items)
+        out = np.empty(tiles * MAXSIM_TILE, np.float32)
+        score = functools.partial(self.kernel, user.ctypes.data, len(user), self.dim, self.items.ctypes.data,
+                                  self.heads)
+        parts = max(1, min(threads, self.n // MAXSIM_SPLIT))
+        bounds = [tiles * i // parts for i in range(parts + 1)]
+        others = [thread_pool().submit(score, a, b, out.ctypes.data) for a, b in zip(bounds[1:-1], bounds[2:])]
+        score(bounds[0], bounds[1], out.ctypes.data)  # the first part in this thread
+        for part in others:
+            part.result()
         return out[:self.n]
 
 
@@ -311,16 +333,20 @@ class Scorer:
 
     With `nprobe` > 0, whole-catalogue requests take the two-stage path: an IVFRetriever over the index
     (built here, ~20 s per million items) returns the best of the user's `nprobe` best cells, scored exactly;
-    requests with candidates are always scored exactly."""
+    requests with candidates are always scored exactly. `threads`: threads that score one whole-catalogue
+    request with the C++ kernel (0: every core; 1 suits a service, whose concurrent requests share the cores)."""
 
     USER_TOWERS = ("auto", "onnx", "mindir")
 
-    def __init__(self, export_dir, check_files=True, user_tower="auto", nprobe=0):
+    def __init__(self, export_dir, check_files=True, user_tower="auto", nprobe=0, threads=1):
         import mindspore as ms
         import pandas as pd
         from mindspore import nn
         if nprobe < 0:
             raise UserError(f"nprobe must be 0 (exact scoring) or positive, got {nprobe}")
+        if threads < 0:
+            raise UserError(f"threads must be 0 (every core) or positive, got {threads}")
+        self.threads = threads or cores()
         if user_tower not in self.USER_TOWERS:
             raise UserError(f"unknown user tower backend {user_tower!r}; choose one of {', '.join(self.USER_TOWERS)}")
         self.dir = Path(export_dir)
@@ -461,7 +487,7 @@ class Scorer:
             return (self.index[:-1] if rows is None else self.index[rows]) @ user + self.bias
         if rows is not None:
             return maxsim(user, self.by_head[:, rows]) + self.bias
-        return self.catalogue.scores(user)[:-1] + self.bias  # the last row is the OOV item
+        return self.catalogue.scores(user, self.threads)[:-1] + self.bias  # the last row is the OOV item
 
     def recommend(self, user_id, candidates=None, top_k=10, features=None):
         started = time.perf_counter()
@@ -505,4 +531,4 @@ def tiled_scoring(scorer, n):
     index = tiled_index(scorer, n)
     if not scorer.fe:
         return lambda: index @ user
-    return functools.partial(MaxSimIndex(index, scorer.catalogue.kernel).scores, user)
+    return functools.partial(MaxSimIndex(index, scorer.catalogue.kernel).scores, user, scorer.threads)

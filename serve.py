@@ -86,9 +86,9 @@ def parse_request(body, scorer):
 class Service:
     """The current Scorer and how to replace it; handlers read `scorer` once per request."""
 
-    def __init__(self, export_dir, user_tower="auto", nprobe=0):
-        self.export_dir, self.user_tower, self.nprobe = Path(export_dir), user_tower, nprobe
-        self.scorer = Scorer(self.export_dir, user_tower=user_tower, nprobe=nprobe)
+    def __init__(self, export_dir, user_tower="auto", nprobe=0, threads=1):
+        self.export_dir, self.user_tower, self.nprobe, self.threads = Path(export_dir), user_tower, nprobe, threads
+        self.scorer = Scorer(self.export_dir, user_tower=user_tower, nprobe=nprobe, threads=threads)
         self.warm(self.scorer)
         self.reloads, self._reload_lock = 0, threading.Lock()
 
@@ -101,7 +101,7 @@ class Service:
         """Load the export folder again and swap it in; a failure leaves the running export serving."""
         with self._reload_lock:
             started = time.perf_counter()
-            new = Scorer(self.export_dir, user_tower=self.user_tower, nprobe=self.nprobe)
+            new = Scorer(self.export_dir, user_tower=self.user_tower, nprobe=self.nprobe, threads=self.threads)
             self.warm(new)
             self.scorer = new  # one reference assignment: each request uses the scorer it started with
             self.reloads += 1
@@ -113,6 +113,8 @@ class Service:
         return {"status": "ok", "export_dir": str(self.export_dir), "manifest_md5": s.checksum,
                 "model": s.manifest["model"], "items": s.manifest["items"], "user_tower": s.backend,
                 "retrieval": f"ivf, nprobe {s.nprobe} of {len(s.ivf.cells)} cells" if s.ivf else "exact",
+                "maxsim": "numpy" if s.catalogue is None or s.catalogue.kernel is None else "kernel",
+                "threads": s.threads,
                 "blas_threads": next((i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"), None),
                 "reloads": self.reloads}
 
@@ -189,8 +191,8 @@ def make_handler(service, max_body):
     return Handler
 
 
-def serve(export_dir, host, port, max_body, user_tower="auto", ready=None, nprobe=0):
-    service = Service(export_dir, user_tower, nprobe)
+def serve(export_dir, host, port, max_body, user_tower="auto", ready=None, nprobe=0, threads=1):
+    service = Service(export_dir, user_tower, nprobe, threads)
     server = ThreadingHTTPServer((host, port), make_handler(service, max_body))
     server.daemon_threads = True
     if threading.current_thread() is threading.main_thread():
@@ -314,9 +316,9 @@ def main(argv=None):
     parser.add_argument("--nprobe", type=int, default=0,
                         help="whole-catalogue requests: 0 scores every item exactly; N > 0 scores the items of the "
                              "user's N best cells of an inverted file (for large catalogues; docs/serving.md)")
-    parser.add_argument("--blas_threads", type=int, default=1,
-                        help="BLAS threads per scoring call (default 1: concurrent requests share the cores, "
-                             "measured best under load; 0: the library's default, all cores for one request)")
+    parser.add_argument("--threads", "--blas_threads", type=int, default=1, dest="threads",
+                        help="threads per request, of the MaxSim kernel and of BLAS (default 1: concurrent requests "
+                             "share the cores, measured best under load; 0: every core for each request)")
     load = parser.add_argument_group("load test (--load_test): a server child on a free loopback port")
     load.add_argument("--load_test", action="store_true", help="run the bounded load test and print JSON")
     load.add_argument("--requests", type=int, default=2000, help="requests per number of clients")
@@ -328,8 +330,8 @@ def main(argv=None):
     export_dir = Path(args.export_dir) if args.export_dir else Path(args.run_dir) / "export"
     if args.nprobe < 0:
         parser.error(f"--nprobe must be 0 or positive, got {args.nprobe}")
-    if args.blas_threads < 0:
-        parser.error(f"--blas_threads must be 0 or positive, got {args.blas_threads}")
+    if args.threads < 0:
+        parser.error(f"--threads must be 0 or positive, got {args.threads}")
     if args.load_test:
         try:
             clients = [int(c) for c in args.clients.split(",")]
@@ -340,15 +342,15 @@ def main(argv=None):
         with contextlib.redirect_stdout(sys.stderr):  # progress lines to stderr: stdout is the JSON result alone
             result = load_test(args.run_dir, args.export_dir, args.requests, args.time_limit, clients, args.top_k,
                                args.candidates, ["--user_tower", args.user_tower, "--nprobe", str(args.nprobe),
-                                                 "--blas_threads", str(args.blas_threads)])
+                                                 "--threads", str(args.threads)])
         print(json.dumps(result, indent=1))
         return
     if not (0 <= args.port < 65536):
         parser.error(f"--port must be in 0..65535, got {args.port}")
-    if args.blas_threads:  # process-wide, so only here: the command, not serve() that tests call in-process
-        threadpool_limits(args.blas_threads, user_api="blas")
+    if args.threads:  # process-wide, so only here: the command, not serve() that tests call in-process
+        threadpool_limits(args.threads, user_api="blas")
     try:
-        serve(export_dir, args.host, args.port, args.max_body, args.user_tower, nprobe=args.nprobe)
+        serve(export_dir, args.host, args.port, args.max_body, args.user_tower, nprobe=args.nprobe, threads=args.threads)
     except OSError as e:
         raise UserError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e})") from None
 

@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 import benchmark
+from scorer import maxsim_kernel
 from util import UserError
 
 pytestmark = pytest.mark.e2e
@@ -56,6 +57,9 @@ def test_bench_serve_scores_from_a_trained_run(tiny_cfg):
     serving = benchmark.bench_serving(cfg, repeats=1, sizes=(500,), catalogue=3_000)
     (request,) = serving["requests"]
     assert request["end_to_end_500_ms"] > 0 and set(request["floor_500"]) == {"flop_floor_ms", "byte_floor_ms"}
+    assert request["end_to_end_500_cores_ms"] > 0 and request["maxsim_numpy_500_ms"] > 0
+    assert request["maxsim"] == ("numpy" if maxsim_kernel() is None else "kernel")
+    assert serving["floor"]["read_gb_s"] > 0 and serving["floor"]["read_gb_s_one_thread"] > 0
     assert [v["index"] for v in serving["compressed"]] == ["float32 (exact)", "int8", "bfloat16", "float16"]
     assert all(0 <= v["top100_overlap_rescored"] <= 1 for v in serving["compressed"][1:])
     assert [b["users_per_call"] for b in serving["batched_10000"]] == [8, 32]

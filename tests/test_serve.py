@@ -119,6 +119,7 @@ def test_load_test_command_with_ivf_and_one_blas_thread(server):
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
-    assert result["server"]["blas_threads"] == 1 and result["server"]["retrieval"].startswith("ivf, nprobe 2 of")
+    server = result["server"]  # --blas_threads: the old name of --threads
+    assert server["threads"] == server["blas_threads"] == 1 and server["retrieval"].startswith("ivf, nprobe 2 of")
     assert [p["clients"] for p in result["phases"]] == [1, 2]
     assert all(p["failed"] == 0 and p["requests"] == 20 for p in result["phases"])

@@ -10,6 +10,7 @@ import pytest
 import train
 from conftest import ROOT, train_and_export
 from export import export_run
+import scorer as scorer_module
 from scorer import (CompressedIndex, IVFRetriever, MaxSimIndex, Scorer, best_first, maxsim, maxsim_batch,
                     maxsim_kernel)
 from model_config import Config
@@ -70,6 +71,30 @@ def test_maxsim_kernel_equals_maxsim(users, heads, dim, n):
     got, want = MaxSimIndex(index, kernel).scores(user), maxsim(user, index)
     np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
     assert np.isnan(got).sum() == 1
+
+
+def test_maxsim_kernel_splits_a_request_between_threads():
+    """MaxSimIndex.scores(user, threads): consecutive tile ranges, the first in the calling thread, the others in
+    the pool, at least MAXSIM_SPLIT items each; the same scores as one thread."""
+    import threading
+    from scorer import MAXSIM_SPLIT
+    kernel = maxsim_kernel()
+    if kernel is None:
+        pytest.skip("no C++ compiler: the scorer scores in NumPy")
+    rng = np.random.default_rng(5)
+    index = rng.normal(size=(2, 3 * MAXSIM_SPLIT + 5, 8)).astype(np.float32)
+    user = rng.normal(size=(3, 2, 8)).astype(np.float32)
+    calls = []
+    tiled = MaxSimIndex(index, lambda *args: (calls.append((args[5], args[6], threading.get_ident())), kernel(*args)))
+    want = maxsim(user, index)
+    for threads, parts in ((1, 1), (2, 2), (3, 3), (8, 3)):  # 3 parts at most: MAXSIM_SPLIT items each
+        calls.clear()
+        np.testing.assert_allclose(tiled.scores(user, threads), want, rtol=1e-5, atol=1e-4)
+        ranges = sorted(c[:2] for c in calls)
+        assert len(ranges) == parts and ranges[0][0] == 0 and ranges[-1][1] == len(tiled.items)
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+        here = [c[0] for c in calls if c[2] == threading.get_ident()]
+        assert here == [0]  # the first part in this thread, every other in the pool
 
 
 def test_scorer_without_a_compiler_scores_in_numpy(monkeypatch, capsys):
@@ -223,6 +248,8 @@ def test_two_stage_recommend_scores_its_cells_exactly(run):
     assert one.recommend(1, candidates=[1, 2], top_k=5)["candidates"] == 2  # candidates: exact scoring
     with pytest.raises(UserError, match="nprobe"):
         Scorer(run_dir / "export", nprobe=-1)
+    with pytest.raises(UserError, match="threads must be 0"):
+        Scorer(run_dir / "export", threads=-1)
     out = subprocess.run([sys.executable, "infer.py", "--run_dir", str(run_dir), "--user_id", "3", "--top_k", "2",
                           "--nprobe", str(lists), "--warm_calls", "1"], capture_output=True, text=True, timeout=120,
                          cwd=ROOT)
@@ -354,6 +381,7 @@ def test_infer_reports_cold_and_warm_latency(run):
     assert out.returncode == 0, out.stderr
     latency = json.loads(out.stdout)["latency_ms"]
     assert latency["cold_first_call"] > 0 and latency["warm_median"] > 0 and latency["warm_calls"] == 3
+    assert latency["threads"] == scorer_module.cores()  # --threads 0, the default: every core
 
 
 def test_text_ids_of_amazon_are_served(tmp_path):
