@@ -115,7 +115,7 @@ class Service:
                 "retrieval": f"ivf, nprobe {s.nprobe} of {len(s.ivf.cells)} cells" if s.ivf else "exact",
                 "maxsim": "numpy" if s.catalogue is None or s.catalogue.kernel is None else "kernel",
                 "threads": s.threads,
-                "blas_threads": next((i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"), None),
+                "blas_threads": max((i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"), default=None),
                 "reloads": self.reloads}
 
 
