@@ -3,12 +3,13 @@
 //
 //   score(item) = sum over the U user heads u of the max over the H item heads k of <user_u, item_k>  (p values)
 //
-// The index is stored in tiles of 16 items, (tiles, H, p, 16): value j of head k of item 16 t + l is at
-// [t][k][j][l]. Sixteen items then fill one vector register (AVX-512; two with AVX2), and each product of a user
-// value with the index is one broadcast multiply-add into sixteen items' sums: no horizontal sums, the user's
-// values are read from L1, the index once, in order. The sums of a chunk of user heads stay in registers;
-// longer users take several chunks over the same tile (16 KB for H = 4, p = 64: in L1). A NaN product is the
-// maximum, as numpy.maximum (the reference, scorer.maxsim).
+// The index is stored in tiles of W items, (tiles, H, p, W), W the width of this CPU's vector registers in
+// floats (MaxSimTileWidth: 16 with AVX-512, 8 with AVX2, 4 otherwise): value j of head k of item W t + l is at
+// [t][k][j][l]. The W items of a tile then fill one register, and each product of a user value with the index
+// is one broadcast multiply-add into W items' sums: no horizontal sums, the user's values are read from L1, the
+// index once, in order. The sums of a chunk of user heads stay in registers; longer users take several chunks
+// over the same tile (16 KB for H = 4, p = 64, W = 16: in L1). A NaN product is the maximum, as numpy.maximum
+// (the reference, scorer.maxsim).
 #include <algorithm>
 #include <array>
 #include <cstdint>
@@ -17,16 +18,20 @@
 
 namespace {
 
+#if defined(__AVX512F__)
 constexpr int64_t kTile = 16;
+constexpr int kChunk = 12;  // 12 sums + 12 maxima + the index value: 25 of 32 registers
+#elif defined(__AVX__)
+constexpr int64_t kTile = 8;
+constexpr int kChunk = 6;   // 6 + 6 + the index value and a broadcast user value: 14 of 16 registers
+#else
+constexpr int64_t kTile = 4;
+constexpr int kChunk = 6;
+#endif
 typedef float Lanes __attribute__((vector_size(kTile * sizeof(float))));
 typedef float Unaligned __attribute__((vector_size(kTile * sizeof(float)), aligned(sizeof(float))));  // for loads
-#ifdef __AVX512F__
-constexpr int kChunk = 12;  // 12 sums + 12 maxima + the index value: 25 of 32 registers
-#else
-constexpr int kChunk = 4;   // AVX2: each Lanes is two of 16 registers
-#endif
 
-// The sum over C user heads (C p values from `user`) of the max over the item heads, for one tile's 16 items.
+// The sum over C user heads (C p values from `user`) of the max over the item heads, for one tile's W items.
 template <int C>
 Lanes chunk_scores(const float *user, int64_t p, const float *tile, int64_t heads) {
   Lanes best[C] = {};
@@ -53,7 +58,7 @@ constexpr std::array<ChunkFn, sizeof...(C)> chunk_table(std::integer_sequence<in
 
 constexpr auto kChunks = chunk_table(std::make_integer_sequence<int, kChunk>{});
 
-// All U user heads against one tile: 16 scores into out.
+// All U user heads against one tile: W scores into out.
 inline void tile_scores(const float *user, int64_t users, int64_t p, const float *tile, int64_t heads, float *out) {
   Lanes total = {};
   for (int64_t u = 0; u < users; u += kChunk) {
@@ -66,7 +71,10 @@ inline void tile_scores(const float *user, int64_t users, int64_t p, const float
 
 extern "C" {
 
-// Tiles [first, last) of a tiled index (tiles, H, p, 16) against user (U, p): 16 scores per tile into out.
+// W, the items per tile.
+int64_t MaxSimTileWidth() { return kTile; }
+
+// Tiles [first, last) of a tiled index (tiles, H, p, W) against user (U, p): W scores per tile into out.
 void MaxSimTiles(const float *user, int64_t users, int64_t p, const float *tiles, int64_t heads, int64_t first,
                  int64_t last, float *out) {
   const int64_t size = heads * p * kTile;

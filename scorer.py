@@ -24,6 +24,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -70,7 +71,6 @@ def maxsim(user, items_by_head, out=None, block=MAXSIM_BLOCK):
     return result
 
 
-MAXSIM_TILE = 16  # items per tile of a MaxSimIndex: one AVX-512 register of float32 (maxsim_index.cc)
 MAXSIM_SPLIT = 4096  # fewest items per thread when a MaxSimIndex splits a request between threads
 
 
@@ -86,26 +86,34 @@ def thread_pool():
     return ThreadPoolExecutor(max(1, cores() - 1), thread_name_prefix="maxsim")
 
 
+class MaxSimKernel(NamedTuple):
+    """maxsim_index.cc loaded: score(user, U, p, tiles, H, first tile, last tile, out), and tile, the items per
+    tile (the float width of the vector registers it was built for: 16 with AVX-512, 8 with AVX2)."""
+    score: Callable
+    tile: int
+
+
 @functools.lru_cache(maxsize=None)
 def maxsim_kernel():
-    """maxsim_index.cc's MaxSimTiles through ctypes (built by util.build_library once per process, ~1 s), or None
-    where it cannot be built (no C++ compiler): scoring then runs in NumPy (maxsim)."""
+    """maxsim_index.cc through ctypes (built by util.build_library for this CPU once per process, ~1 s), a
+    MaxSimKernel, or None where it cannot be built (no C++ compiler): scoring then runs in NumPy (maxsim)."""
     library = build_library(("maxsim_index.cc",), "MaxSim scores in NumPy")
     if library is None:
         return None
-    kernel = ctypes.CDLL(str(library)).MaxSimTiles
+    library = ctypes.CDLL(str(library))
     pointer, size = ctypes.c_void_p, ctypes.c_int64
-    kernel.argtypes = [pointer, size, size, pointer, size, size, size, pointer]
-    kernel.restype = None
-    return kernel
+    library.MaxSimTiles.argtypes = [pointer, size, size, pointer, size, size, size, pointer]
+    library.MaxSimTiles.restype = None
+    library.MaxSimTileWidth.restype = size
+    return MaxSimKernel(library.MaxSimTiles, library.MaxSimTileWidth())
 
 
 class MaxSimIndex:
     """An item index (H, N, p) in the layout its MaxSim reads; scores(user) -> (N,) as maxsim(user, items_by_head).
 
-    With the C++ kernel (`kernel`: maxsim_kernel(); maxsim_index.cc): the index re-laid in tiles of 16 items,
-    (T, H, p, 16), zeros after the last item: sixteen items per vector register, each user value broadcast into
-    their sums, the index read once in order, no horizontal sums, about the FLOP peak of one core
+    With the C++ kernel (`kernel`: maxsim_kernel(); maxsim_index.cc): the index re-laid in tiles of W items
+    (kernel.tile: a vector register's floats, 16 with AVX-512), (T, H, p, W), zeros after the last item: each
+    user value broadcast into a tile's sums, the index read once in order, no horizontal sums, about the FLOP peak of one core
     (docs/serving.md); equal to maxsim() up to float32 rounding (tested); a copy of the index. The kernel runs
     without the GIL: concurrent requests score on separate cores, and scores(user, threads) splits one request's
     tiles between `threads` threads (at least MAXSIM_SPLIT items each). Without it (kernel None): the
@@ -117,20 +125,21 @@ class MaxSimIndex:
         if kernel is None:
             self.items = items_by_head
             return
-        full, rest = divmod(n, MAXSIM_TILE)
-        self.items = np.zeros((full + (rest > 0), heads, dim, MAXSIM_TILE), np.float32)
-        # items[t, k, j, l] = items_by_head[k, 16 t + l, j], assigned through views (no padded copy of the index)
-        self.items[:full] = items_by_head[:, :full * MAXSIM_TILE].reshape(heads, full, MAXSIM_TILE, dim).transpose(1, 0, 3, 2)
+        w = kernel.tile
+        full, rest = divmod(n, w)
+        self.items = np.zeros((full + (rest > 0), heads, dim, w), np.float32)
+        # items[t, k, j, l] = items_by_head[k, w t + l, j], assigned through views (no padded copy of the index)
+        self.items[:full] = items_by_head[:, :full * w].reshape(heads, full, w, dim).transpose(1, 0, 3, 2)
         if rest:
-            self.items[full, :, :, :rest] = items_by_head[:, full * MAXSIM_TILE:].transpose(0, 2, 1)
+            self.items[full, :, :, :rest] = items_by_head[:, full * w:].transpose(0, 2, 1)
 
     def scores(self, user, threads=1):
         if self.kernel is None:
             return maxsim(user, self.items)
         user = np.ascontiguousarray(user, np.float32).reshape(-1, self.dim)
         tiles = len(self.items)
-        out = np.empty(tiles * MAXSIM_TILE, np.float32)
-        score = functools.partial(self.kernel, user.ctypes.data, len(user), self.dim, self.items.ctypes.data,
+        out = np.empty(tiles * self.kernel.tile, np.float32)
+        score = functools.partial(self.kernel.score, user.ctypes.data, len(user), self.dim, self.items.ctypes.data,
                                   self.heads)
         parts = max(1, min(threads, self.n // MAXSIM_SPLIT))
         bounds = [tiles * i // parts for i in range(parts + 1)]

@@ -55,14 +55,14 @@ def test_maxsim_batch_equals_maxsim():
                                                  (30, 2, 7, 40), (5, 4, 16, 15)])
 def test_maxsim_kernel_equals_maxsim(users, heads, dim, n):
     """The C++ kernel (maxsim_index.cc) against the NumPy reference: user heads across several register chunks
-    (12 with AVX-512, 4 with AVX2), any head count and width, partial last tiles; a NaN product is the maximum."""
+    (12 with AVX-512, 6 without), any head count and width, partial last tiles; a NaN product is the maximum."""
     kernel = maxsim_kernel()
     if kernel is None:
         pytest.skip("no C++ compiler: the scorer scores in NumPy (test_scorer_without_a_compiler_scores_in_numpy)")
     rng = np.random.default_rng(users * 1000 + n)
     index = rng.normal(size=(heads, n, dim)).astype(np.float32)
     tiled = MaxSimIndex(index, kernel)
-    assert tiled.items.shape == (-(-n // 16), heads, dim, 16)
+    assert kernel.tile in (4, 8, 16) and tiled.items.shape == (-(-n // kernel.tile), heads, dim, kernel.tile)
     for _ in range(3):
         user = rng.normal(size=(users, dim)).astype(np.float32)
         want = maxsim(user, index)
@@ -85,7 +85,8 @@ def test_maxsim_kernel_splits_a_request_between_threads():
     index = rng.normal(size=(2, 3 * MAXSIM_SPLIT + 5, 8)).astype(np.float32)
     user = rng.normal(size=(3, 2, 8)).astype(np.float32)
     calls = []
-    tiled = MaxSimIndex(index, lambda *args: (calls.append((args[5], args[6], threading.get_ident())), kernel(*args)))
+    spy = kernel._replace(score=lambda *args: (calls.append((args[5], args[6], threading.get_ident())), kernel.score(*args)))
+    tiled = MaxSimIndex(index, spy)
     want = maxsim(user, index)
     for threads, parts in ((1, 1), (2, 2), (3, 3), (8, 3)):  # 3 parts at most: MAXSIM_SPLIT items each
         calls.clear()
@@ -204,7 +205,7 @@ def test_scorer_equals_full_model_logits(run):
     calls = []
     if maxsim_kernel() is not None:  # the whole catalogue through the C++ kernel (counted)
         kernel = scorer.catalogue.kernel
-        scorer.catalogue.kernel = lambda *args: (calls.append(1), kernel(*args))
+        scorer.catalogue.kernel = kernel._replace(score=lambda *args: (calls.append(1), kernel.score(*args)))
     numpy_scorer = Scorer(run_dir / "export")
     numpy_scorer.catalogue = MaxSimIndex(numpy_scorer.by_head, None)  # as without a compiler: maxsim in NumPy
     for user_row in (0, 7, 42):
