@@ -6,8 +6,8 @@
 Used by infer.py (one request from the command line), serve.py (the HTTP service), benchmark.py and
 run_experiments.py (latency). The FE score of one user against N items: per block of items, one matrix
 product per item head over the contiguous head-major index ((block x p) by (p x L*H)), a running max over
-the item heads and a sum (maxsim); a whole-catalogue request takes the C++ kernel over the index in tiles of 16
-items (MaxSimIndex, maxsim_index.cc) where it builds. Unknown users and items take the
+the item heads and a sum (maxsim); a whole-catalogue request takes the C++ kernel over the index in tiles of a
+vector register's width (MaxSimIndex, maxsim_index.cc) where it builds. Unknown users and items take the
 out-of-vocabulary path (id 0, prior statistics) instead of failing.
 
 The user tower runs through ONNX Runtime on the export's batch-1 user_tower.onnx when it is there (about
