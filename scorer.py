@@ -94,10 +94,11 @@ class MaxSimKernel(NamedTuple):
 
 
 @functools.lru_cache(maxsize=None)
-def maxsim_kernel():
-    """maxsim_index.cc through ctypes (built by util.build_library for this CPU once per process, ~1 s), a
-    MaxSimKernel, or None where it cannot be built (no C++ compiler): scoring then runs in NumPy (maxsim)."""
-    library = build_library(("maxsim_index.cc",), "MaxSim scores in NumPy")
+def maxsim_kernel(march="native"):
+    """maxsim_index.cc through ctypes (built by util.build_library for this CPU, or the g++ -march given, once per
+    process, ~1 s), a MaxSimKernel, or None where it cannot be built (no C++ compiler): scoring then runs in
+    NumPy (maxsim)."""
+    library = build_library(("maxsim_index.cc",), "MaxSim scores in NumPy", march)
     if library is None:
         return None
     library = ctypes.CDLL(str(library))

@@ -126,14 +126,14 @@ def say(message):
 
 # ---------------------------------------------------------------- files
 
-def build_library(sources, fallback):
-    """The C++ files `sources` (next to this file) built with g++ for this CPU (-O3 -march=native) into one shared
-    library in a temporary folder removed at exit (~1-2 s): its path, or None where there is no working compiler,
-    with `fallback` (what runs instead) and the reason on stderr."""
+def build_library(sources, fallback, march="native"):
+    """The C++ files `sources` (next to this file) built with g++ (-O3, for this CPU: -march=native) into one
+    shared library in a temporary folder removed at exit (~1-2 s): its path, or None where there is no working
+    compiler, with `fallback` (what runs instead) and the reason on stderr."""
     folder = Path(tempfile.mkdtemp(prefix="inttower-kernels-"))
     atexit.register(shutil.rmtree, folder, True)
     library = folder / "kernels.so"
-    command = ["g++", "-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC", "-o", str(library),
+    command = ["g++", "-O3", f"-march={march}", "-fopenmp-simd", "-shared", "-fPIC", "-o", str(library),
                *(str(Path(__file__).with_name(name)) for name in sources)]
     try:
         subprocess.run(command, check=True, capture_output=True, text=True, timeout=300)

@@ -3,6 +3,7 @@ every fast scoring path (batched, compressed, IVF) equals exact float32 MaxSim o
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -71,6 +72,28 @@ def test_maxsim_kernel_equals_maxsim(users, heads, dim, n):
     got, want = MaxSimIndex(index, kernel).scores(user), maxsim(user, index)
     np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
     assert np.isnan(got).sum() == 1
+
+
+@pytest.mark.parametrize("march, width", [("x86-64", 4), ("x86-64-v3", 8)])
+def test_maxsim_kernel_built_for_narrower_registers(march, width):
+    """The kernel as built for a CPU without AVX-512 (tiles of 8 items with AVX2, 4 with SSE; 6 user heads per
+    pass) against the NumPy reference, here on whatever x86-64 CPU runs the tests."""
+    import platform
+    if platform.machine() != "x86_64":
+        pytest.skip("x86-64 builds")
+    if march == "x86-64-v3" and "avx2" not in Path("/proc/cpuinfo").read_text():
+        pytest.skip("this CPU has no AVX2")
+    kernel = maxsim_kernel(march)
+    if kernel is None:
+        pytest.skip("no C++ compiler")
+    assert kernel.tile == width
+    rng = np.random.default_rng(width)
+    for users, heads, dim, n in ((13, 3, 5, 21), (12, 4, 64, 300), (1, 1, 1, 1)):
+        index = rng.normal(size=(heads, n, dim)).astype(np.float32)
+        user = rng.normal(size=(users, dim)).astype(np.float32)
+        want = maxsim(user, index)
+        np.testing.assert_allclose(MaxSimIndex(index, kernel).scores(user), want, rtol=1e-5,
+                                   atol=1e-5 * np.abs(want).max())
 
 
 def test_maxsim_kernel_splits_a_request_between_threads():
