@@ -673,7 +673,8 @@ def serving_requests(name, scorer, floor, sizes, r):
     user_id = int(scorer.users["key"][0])
     inputs, _ = scorer.user_inputs(user_id)
     user = scorer.tower(inputs)
-    row = {"model": name, "user_shape": list(user.shape), "maxsim": "numpy" if scorer.catalogue.kernel is None else "kernel",
+    row = {"model": name, "user_shape": list(user.shape),
+           "maxsim": "numpy" if scorer.catalogue.kernel is None else "kernel",
            "user_tower_onnx_ms": median_ms(lambda: scorer.tower(inputs), r) if scorer.onnx_tower else None,
            "user_tower_graphcell_ms": median_ms(lambda: scorer.tower(inputs, "mindir"), r)}
     for n in sizes:
@@ -774,7 +775,8 @@ def serving_catalogue(scorer, user, users, floor, catalogue, noises=(0.3, 1.0), 
         del exact
         started = time.perf_counter()
         ivf = IVFRetriever(big, kernel=scorer.catalogue.kernel)
-        part = {"noise": noise, "exact_maxsim_ms": round(exact_ms, 1), "exact_maxsim_kernel_ms": round(exact_kernel_ms, 1),
+        part = {"noise": noise, "exact_maxsim_ms": round(exact_ms, 1),
+                "exact_maxsim_kernel_ms": round(exact_kernel_ms, 1),
                 "ivf_lists": len(ivf.cells),
                 "ivf_build_s": round(time.perf_counter() - started, 1), "rows": []}
         for nprobe in probes:

@@ -114,11 +114,12 @@ class MaxSimIndex:
 
     With the C++ kernel (`kernel`: maxsim_kernel(); maxsim_index.cc): the index re-laid in tiles of W items
     (kernel.tile: a vector register's floats, 16 with AVX-512), (T, H, p, W), zeros after the last item: each
-    user value broadcast into a tile's sums, the index read once in order, no horizontal sums, about the FLOP peak of one core
-    (docs/serving.md); equal to maxsim() up to float32 rounding (tested); a copy of the index. The kernel runs
-    without the GIL: concurrent requests score on separate cores, and scores(user, threads) splits one request's
-    tiles between `threads` threads (at least MAXSIM_SPLIT items each). Without it (kernel None): the
-    head-major array itself, scored by maxsim() in NumPy (with BLAS's threads)."""
+    user value broadcast into a tile's sums, the index read once in order, no horizontal sums; on one thread
+    more than one core's share of the GEMM peak (docs/serving.md); equal to maxsim() up to float32 rounding
+    (tested); a copy of the index. The kernel runs without the GIL: concurrent requests score on separate
+    cores, and scores(user, threads) splits one request's tiles between `threads` threads (at least
+    MAXSIM_SPLIT items each). Without it (kernel None): the head-major array itself, scored by maxsim() in
+    NumPy (with BLAS's threads)."""
 
     def __init__(self, items_by_head, kernel):
         heads, n, dim = items_by_head.shape
@@ -254,8 +255,8 @@ class IVFRetriever:
     layout, one entry per item; a MaxSimIndex: tiles for the C++ kernel `kernel`, else head-major). A query
     scores every centroid, read as H head vectors, with maxsim(), takes the `nprobe` best cells and scores all
     their items exactly: the shortlist is the probed cells, so its scores are exact and only its membership is
-    approximate. nprobe=lists is exact MaxSim. The retriever keeps its own cell-ordered copy of the index. Recall and time on a 1,000,000-item catalogue:
-    docs/serving.md."""
+    approximate. nprobe=lists is exact MaxSim. The retriever keeps its own cell-ordered copy of the index.
+    Recall and time on a 1,000,000-item catalogue: docs/serving.md."""
 
     def __init__(self, items_by_head, lists=None, iterations=8, seed=0, sample=64, chunk=16384, kernel=None):
         heads, n, dim = items_by_head.shape
@@ -413,7 +414,8 @@ class Scorer:
         self.checksum = md5_file(self.dir / "manifest.json")
         self.nprobe = nprobe  # a dot-product index is MaxSim with one head on each side
         kernel = maxsim_kernel() if self.fe or nprobe else None  # the C++ MaxSim where it builds
-        self.ivf = IVFRetriever(self.by_head[:, :-1] if self.fe else self.index[None, :-1], kernel=kernel) if nprobe else None
+        catalogue = self.by_head[:, :-1] if self.fe else self.index[None, :-1]
+        self.ivf = IVFRetriever(catalogue, kernel=kernel) if nprobe else None
         # whole-catalogue MaxSim (requests with candidates: maxsim on their rows); with the IVF, no second copy
         self.catalogue = MaxSimIndex(self.by_head, None if nprobe else kernel) if self.fe else None
 

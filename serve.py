@@ -115,7 +115,8 @@ class Service:
                 "retrieval": f"ivf, nprobe {s.nprobe} of {len(s.ivf.cells)} cells" if s.ivf else "exact",
                 "maxsim": "numpy" if s.catalogue is None or s.catalogue.kernel is None else "kernel",
                 "threads": s.threads,
-                "blas_threads": max((i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"), default=None),
+                "blas_threads": max((i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"),
+                                    default=None),
                 "reloads": self.reloads}
 
 
@@ -350,7 +351,8 @@ def main(argv=None):
     if args.threads:  # process-wide, so only here: the command, not serve() that tests call in-process
         threadpool_limits(args.threads, user_api="blas")
     try:
-        serve(export_dir, args.host, args.port, args.max_body, args.user_tower, nprobe=args.nprobe, threads=args.threads)
+        serve(export_dir, args.host, args.port, args.max_body, args.user_tower, nprobe=args.nprobe,
+              threads=args.threads)
     except OSError as e:
         raise UserError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e})") from None
 

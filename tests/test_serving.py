@@ -108,7 +108,8 @@ def test_maxsim_kernel_splits_a_request_between_threads():
     index = rng.normal(size=(2, 3 * MAXSIM_SPLIT + 5, 8)).astype(np.float32)
     user = rng.normal(size=(3, 2, 8)).astype(np.float32)
     calls = []
-    spy = kernel._replace(score=lambda *args: (calls.append((args[5], args[6], threading.get_ident())), kernel.score(*args)))
+    spy = kernel._replace(score=lambda *args: (calls.append((args[5], args[6], threading.get_ident())),
+                                               kernel.score(*args)))
     tiled = MaxSimIndex(index, spy)
     want = maxsim(user, index)
     for threads, parts in ((1, 1), (2, 2), (3, 3), (8, 3)):  # 3 parts at most: MAXSIM_SPLIT items each
@@ -154,8 +155,8 @@ def test_ivf_recall_on_generated_catalogue(scoring):
     user = rng.normal(size=(3, 4, 16)).astype(np.float32)
     for c, cell in enumerate(ivf.cells):  # each cell holds its own items, in order, in the kernel's layout
         assert cell.kernel is kernel and cell.items.ndim == (3 if kernel is None else 4)
-        np.testing.assert_allclose(cell.scores(user), maxsim(user, index[:, ivf.items[ivf.offsets[c]:ivf.offsets[c + 1]]]),
-                                   rtol=1e-5, atol=1e-4)
+        own = index[:, ivf.items[ivf.offsets[c]:ivf.offsets[c + 1]]]
+        np.testing.assert_allclose(cell.scores(user), maxsim(user, own), rtol=1e-5, atol=1e-4)
     recalls = []
     for _ in range(5):
         user = rng.normal(size=(3, 4, 16)).astype(np.float32)
