@@ -674,13 +674,13 @@ def serving_requests(name, scorer, floor, sizes, r):
     inputs, _ = scorer.user_inputs(user_id)
     user = scorer.tower(inputs)
     row = {"model": name, "user_shape": list(user.shape),
-           "maxsim": "numpy" if scorer.catalogue.kernel is None else "kernel",
+           "maxsim": "numpy" if scorer.kernel is None else "kernel",
            "user_tower_onnx_ms": median_ms(lambda: scorer.tower(inputs), r) if scorer.onnx_tower else None,
            "user_tower_graphcell_ms": median_ms(lambda: scorer.tower(inputs, "mindir"), r)}
     for n in sizes:
         index = tiled_index(scorer, n)
         buffers = maxsim_buffers(user, index)
-        score = MaxSimIndex(index, scorer.catalogue.kernel).scores
+        score = MaxSimIndex(index, scorer.kernel).scores
 
         def request(threads=1):  # user features in -> top 100 out
             return best_first(score(scorer.tower(inputs), threads), 100)
@@ -770,11 +770,11 @@ def serving_catalogue(scorer, user, users, floor, catalogue, noises=(0.3, 1.0), 
         started = time.perf_counter()
         truths = [set(best_first(maxsim(u, big), 100)) for u in queries]
         exact_ms = (time.perf_counter() - started) / len(queries) * 1000
-        exact = MaxSimIndex(big, scorer.catalogue.kernel)
+        exact = MaxSimIndex(big, scorer.kernel)
         exact_kernel_ms = statistics.median([median_ms(lambda: exact.scores(u), 3) for u in queries[:5]])
         del exact
         started = time.perf_counter()
-        ivf = IVFRetriever(big, kernel=scorer.catalogue.kernel)
+        ivf = IVFRetriever(big, kernel=scorer.kernel)
         part = {"noise": noise, "exact_maxsim_ms": round(exact_ms, 1),
                 "exact_maxsim_kernel_ms": round(exact_kernel_ms, 1),
                 "ivf_lists": len(ivf.cells),

@@ -413,7 +413,7 @@ class Scorer:
         self.prior = m["prior"]  # the training positive rate: dense features of users without history
         self.checksum = md5_file(self.dir / "manifest.json")
         self.nprobe = nprobe  # a dot-product index is MaxSim with one head on each side
-        kernel = maxsim_kernel() if self.fe or nprobe else None  # the C++ MaxSim where it builds
+        self.kernel = kernel = maxsim_kernel() if self.fe or nprobe else None  # the C++ MaxSim where it builds
         catalogue = self.by_head[:, :-1] if self.fe else self.index[None, :-1]
         self.ivf = IVFRetriever(catalogue, kernel=kernel) if nprobe else None
         # whole-catalogue MaxSim (requests with candidates: maxsim on their rows); with the IVF, no second copy
@@ -543,4 +543,4 @@ def tiled_scoring(scorer, n):
     index = tiled_index(scorer, n)
     if not scorer.fe:
         return lambda: index @ user
-    return functools.partial(MaxSimIndex(index, scorer.catalogue.kernel).scores, user, scorer.threads)
+    return functools.partial(MaxSimIndex(index, scorer.kernel).scores, user, scorer.threads)

@@ -113,7 +113,7 @@ class Service:
         return {"status": "ok", "export_dir": str(self.export_dir), "manifest_md5": s.checksum,
                 "model": s.manifest["model"], "items": s.manifest["items"], "user_tower": s.backend,
                 "retrieval": f"ivf, nprobe {s.nprobe} of {len(s.ivf.cells)} cells" if s.ivf else "exact",
-                "maxsim": "numpy" if s.catalogue is None or s.catalogue.kernel is None else "kernel",
+                "maxsim": "numpy" if s.kernel is None else "kernel",
                 "threads": s.threads,
                 "blas_threads": max((i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"),
                                     default=None),

@@ -1,4 +1,5 @@
-"""Small helpers shared by the commands: one-line errors, atomic writes, checksums, metrics."""
+"""Small helpers shared by the commands: one-line errors, atomic writes, checksums, metrics, building the C++
+kernels."""
 import atexit
 import contextlib
 import errno

@@ -121,5 +121,7 @@ def test_load_test_command_with_ivf_and_one_blas_thread(server):
     result = json.loads(out.stdout)
     server = result["server"]  # --blas_threads: the old name of --threads
     assert server["threads"] == server["blas_threads"] == 1 and server["retrieval"].startswith("ivf, nprobe 2 of")
+    from scorer import maxsim_kernel
+    assert server["maxsim"] == ("numpy" if maxsim_kernel() is None else "kernel")  # the IVF's cells too
     assert [p["clients"] for p in result["phases"]] == [1, 2]
     assert all(p["failed"] == 0 and p["requests"] == 20 for p in result["phases"])
