@@ -34,10 +34,12 @@ def machine():
     import os
     import platform
     import mindspore as ms
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "mindspore": ms.__version__,
-            "numpy": np.__version__}
+    lines = open("/proc/cpuinfo").read().splitlines() if os.path.exists("/proc/cpuinfo") else []
+    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.processor())
+    flags = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
+    vector = next((name for name, flag in (("avx512", "avx512f"), ("avx2", "avx2")) if flag in flags), "other")
+    return {"cpu": cpu, "vector": vector, "cores": os.cpu_count(), "python": platform.python_version(),
+            "mindspore": ms.__version__, "numpy": np.__version__}
 
 
 def timed(fn, steps):
