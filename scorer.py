@@ -124,8 +124,8 @@ class MaxSimIndex:
     def __init__(self, items_by_head, kernel):
         heads, n, dim = items_by_head.shape
         self.n, self.heads, self.dim, self.kernel = n, heads, dim, kernel
-        if kernel is None:
-            self.items = items_by_head
+        if kernel is None:  # maxsim() reads contiguous slabs of each head
+            self.items = np.ascontiguousarray(items_by_head, np.float32)
             return
         w = kernel.tile
         full, rest = divmod(n, w)
@@ -274,7 +274,7 @@ class IVFRetriever:
         cells = np.concatenate([self._nearest(item_major(slice(s, s + chunk))) for s in range(0, n, chunk)])
         self.items = np.argsort(cells, kind="stable")  # the index row of each stored item, cell by cell
         self.offsets = np.searchsorted(cells[self.items], np.arange(lists + 1))
-        self.cells = [MaxSimIndex(np.ascontiguousarray(items_by_head[:, self.items[a:b]]), kernel)
+        self.cells = [MaxSimIndex(items_by_head[:, self.items[a:b]], kernel)
                       for a, b in zip(self.offsets[:-1], self.offsets[1:])]
         self.by_head_centroids = head_major(self.centroids.reshape(lists, heads, dim))
 

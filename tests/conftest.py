@@ -16,9 +16,10 @@ from model_config import Config  # noqa: E402
 REAL_ML1M = Path(os.environ.get("INTTOWER_ML1M", ROOT.parent / "shared" / "data" / "ml-1m"))
 
 
-# Tests of the fused training kernels (batch_norm.cc, maxsim.cc): without g++ training falls back to MindSpore ops
-needs_gxx = pytest.mark.skipif(shutil.which("g++") is None, reason="no g++ here: the fused training kernels cannot "
-                               "be built (training falls back to the ops form, tested too)")
+# Tests of the C++ kernels (batch_norm.cc, maxsim.cc, maxsim_index.cc): without g++ training falls back to MindSpore
+# ops and scoring to NumPy
+needs_gxx = pytest.mark.skipif(shutil.which("g++") is None, reason="no g++ here: the C++ kernels cannot be built "
+                               "(training falls back to the ops form, scoring to NumPy, both tested too)")
 
 
 def real_file(name):

@@ -49,6 +49,9 @@ def test_health_and_score(server):
     status, health = call(port, "GET", "/health")
     assert status == 200 and health["manifest_md5"] == service.scorer.checksum and health["user_tower"] == "onnx"
     assert health["retrieval"] == "exact"  # serve.py --nprobe N: the two-stage path (tests/test_serving.py)
+    from threadpoolctl import threadpool_info
+    numpy_blas = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas" and "numpy" in i["filepath"]]
+    assert health["blas_threads"] >= max(numpy_blas, default=0)  # NumPy's, not another library's single thread
     user_id = int(service.scorer.users["key"][3])
     status, out = call(port, "POST", "/score", {"user_id": user_id, "top_k": 5})
     assert status == 200 and len(out["items"]) == 5 and out["known_user"]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import train
-from conftest import ROOT, train_and_export
+from conftest import ROOT, needs_gxx, train_and_export
 from export import export_run
 import scorer as scorer_module
 from scorer import (CompressedIndex, IVFRetriever, MaxSimIndex, Scorer, best_first, maxsim, maxsim_batch,
@@ -54,12 +54,11 @@ def test_maxsim_batch_equals_maxsim():
 
 @pytest.mark.parametrize("users, heads, dim, n", [(1, 1, 1, 1), (4, 4, 64, 1000), (12, 4, 64, 17), (13, 3, 5, 16),
                                                  (30, 2, 7, 40), (5, 4, 16, 15)])
+@needs_gxx
 def test_maxsim_kernel_equals_maxsim(users, heads, dim, n):
     """The C++ kernel (maxsim_index.cc) against the NumPy reference: user heads across several register chunks
     (12 with AVX-512, 6 without), any head count and width, partial last tiles; a NaN product is the maximum."""
     kernel = maxsim_kernel()
-    if kernel is None:
-        pytest.skip("no C++ compiler: the scorer scores in NumPy (test_scorer_without_a_compiler_scores_in_numpy)")
     rng = np.random.default_rng(users * 1000 + n)
     index = rng.normal(size=(heads, n, dim)).astype(np.float32)
     tiled = MaxSimIndex(index, kernel)
@@ -74,6 +73,7 @@ def test_maxsim_kernel_equals_maxsim(users, heads, dim, n):
     assert np.isnan(got).sum() == 1
 
 
+@needs_gxx
 @pytest.mark.parametrize("march, width", [("x86-64", 4), ("x86-64-v3", 8)])
 def test_maxsim_kernel_built_for_narrower_registers(march, width):
     """The kernel as built for a CPU without AVX-512 (tiles of 8 items with AVX2, 4 with SSE; 6 user heads per
@@ -84,8 +84,6 @@ def test_maxsim_kernel_built_for_narrower_registers(march, width):
     if march == "x86-64-v3" and "avx2" not in Path("/proc/cpuinfo").read_text():
         pytest.skip("this CPU has no AVX2")
     kernel = maxsim_kernel(march)
-    if kernel is None:
-        pytest.skip("no C++ compiler")
     assert kernel.tile == width
     rng = np.random.default_rng(width)
     for users, heads, dim, n in ((13, 3, 5, 21), (12, 4, 64, 300), (1, 1, 1, 1)):
@@ -96,14 +94,13 @@ def test_maxsim_kernel_built_for_narrower_registers(march, width):
                                    atol=1e-5 * np.abs(want).max())
 
 
+@needs_gxx
 def test_maxsim_kernel_splits_a_request_between_threads():
     """MaxSimIndex.scores(user, threads): consecutive tile ranges, the first in the calling thread, the others in
     the pool, at least MAXSIM_SPLIT items each; the same scores as one thread."""
     import threading
     from scorer import MAXSIM_SPLIT
     kernel = maxsim_kernel()
-    if kernel is None:
-        pytest.skip("no C++ compiler: the scorer scores in NumPy")
     rng = np.random.default_rng(5)
     index = rng.normal(size=(2, 3 * MAXSIM_SPLIT + 5, 8)).astype(np.float32)
     user = rng.normal(size=(3, 2, 8)).astype(np.float32)
@@ -126,6 +123,11 @@ def test_scorer_without_a_compiler_scores_in_numpy(monkeypatch, capsys):
     monkeypatch.setenv("PATH", "/nonexistent")
     assert maxsim_kernel.__wrapped__() is None
     assert "MaxSim scores in NumPy (the C++ kernels did not build" in capsys.readouterr().err
+    index, rng = catalogue(50)
+    fallback = MaxSimIndex(index, None)  # what the Scorer and the IVF's cells hold then: the index itself
+    assert fallback.items is index
+    user = rng.normal(size=(3, 4, 16)).astype(np.float32)
+    np.testing.assert_array_equal(fallback.scores(user, threads=2), maxsim(user, index))
 
 
 @pytest.mark.parametrize("kind, tolerance", [("int8", 1e-2), ("bfloat16", 5e-3), ("float16", 1e-3)])
@@ -144,17 +146,16 @@ def test_compressed_index_within_tolerance_and_rescored_exactly(kind, tolerance)
         assert len(set(rows) & set(best_first(exact, 50))) >= 49
 
 
-@pytest.mark.parametrize("scoring", ["numpy", "kernel"])
+@pytest.mark.parametrize("scoring", ["numpy", pytest.param("kernel", marks=needs_gxx)])
 def test_ivf_recall_on_generated_catalogue(scoring):
     kernel = maxsim_kernel() if scoring == "kernel" else None
-    if scoring == "kernel" and kernel is None:
-        pytest.skip("no C++ compiler: the cells are scored in NumPy")
     index, rng = catalogue(20000)
     ivf = IVFRetriever(index, lists=64, seed=1, kernel=kernel)
     assert sorted(ivf.items) == list(range(20000)) and ivf.offsets[-1] == 20000
     user = rng.normal(size=(3, 4, 16)).astype(np.float32)
     for c, cell in enumerate(ivf.cells):  # each cell holds its own items, in order, in the kernel's layout
         assert cell.kernel is kernel and cell.items.ndim == (3 if kernel is None else 4)
+        assert cell.items.flags.c_contiguous  # a gather of rows is not: maxsim() reads contiguous slabs
         own = index[:, ivf.items[ivf.offsets[c]:ivf.offsets[c + 1]]]
         np.testing.assert_allclose(cell.scores(user), maxsim(user, own), rtol=1e-5, atol=1e-4)
     recalls = []
@@ -256,6 +257,8 @@ def test_two_stage_recommend_scores_its_cells_exactly(run):
     exact = Scorer(run_dir / "export")
     lists = len(Scorer(run_dir / "export", nprobe=1).ivf.cells)
     every, one = Scorer(run_dir / "export", nprobe=lists), Scorer(run_dir / "export", nprobe=1)
+    assert all(cell.kernel is maxsim_kernel() for cell in one.ivf.cells)  # the cells by the C++ kernel if built
+    assert one.catalogue.kernel is None  # no tiled copy of the whole index beside the IVF
     for user_id in (1, 5, 10**9):
         want = exact.recommend(user_id, top_k=10)["items"]
         got = every.recommend(user_id, top_k=10)
