@@ -16,8 +16,8 @@ def test_bench_train_times_the_three_loops(tiny_cfg):
     assert result["dropout_masks"] == tiny_cfg.dropout_masks
     for key in ("ours_ms_per_step", "value_and_grad_jit_ms_per_step", "published_ms_per_step"):
         assert result[key] > 0
-    rate = tiny_cfg.batch_size / (result["ours_ms_per_step"] / 1000)  # ms are rounded to 0.1
-    assert abs(result["ours_samples_per_s"] - rate) <= 0.01 * rate
+    rate = tiny_cfg.batch_size / (result["ours_ms_per_step"] / 1000)  # ms are rounded to 0.1: off by <= 0.05 ms
+    assert abs(result["ours_samples_per_s"] - rate) <= rate * 0.05 / result["ours_ms_per_step"] + 1
     low, high = min(result["speedups"]), max(result["speedups"])
     assert low - 0.05 <= result["speedup_median"] <= high + 0.05
     assert result["gflop_per_step"] > 0 and 0 < result["flop_floor_ms_per_step"] < result["ours_ms_per_step"]
